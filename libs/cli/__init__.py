@@ -1,0 +1,1 @@
+"""The imagestream command line: runs services, the local pipeline and admin tasks."""

@@ -1,0 +1,3 @@
+from imagestream.cli.main import main
+
+main()

@@ -1,0 +1,242 @@
+"""The local tools: ``analyze`` runs a list (or a folder of images) through the whole
+pipeline inside this process with a progress bar; ``up`` runs every service in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from imagestream.common import export, ledger, tokens
+from imagestream.common.connections import Resources
+from imagestream.common.inputs import InputError
+from imagestream.common.keys import Keys
+from imagestream.common.settings import CommonSettings
+from imagestream.ingest.service import ingest_list
+
+from . import pipeline
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+)
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+async def file_chunks(path: Path, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, size):
+            yield chunk
+
+
+async def folder_list(folder: Path) -> AsyncIterator[bytes]:
+    """A TXT list of file:// URLs of the images under ``folder``, in name order."""
+
+    def walk() -> list[Path]:
+        found = [
+            Path(root) / name
+            for root, _, names in os.walk(folder)
+            for name in names
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES
+        ]
+        return sorted(found)
+
+    paths = await asyncio.to_thread(walk)
+    for start in range(0, len(paths), 10_000):
+        chunk = paths[start : start + 10_000]
+        yield "".join(p.resolve().as_uri() + "\n" for p in chunk).encode()
+
+
+@dataclass
+class RunOptions:
+    input: Path
+    output: Path | None
+    analyzer: str = "local"
+    profile: str | None = None
+    model: str | None = None
+    budget_usd: float | None = None
+    name: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunReport:
+    batch: Any
+    elapsed_s: float
+    errors: dict[str, int]
+    output: Path | None
+
+
+def _check_output(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    fmt = export.format_from_path(str(path))
+    if fmt is None:
+        raise UsageError(f"cannot tell the export format of {path}: use .csv, .json or .jsonl")
+    if fmt == "xlsx":
+        raise UsageError("XLSX export is not available yet: use .csv, .json or .jsonl")
+    if not path.parent.exists():
+        raise UsageError(f"folder {path.parent} does not exist")
+    return fmt
+
+
+async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Event) -> RunReport:
+    """Run one list through an in-process pipeline and export its results."""
+    source = options.input
+    if not source.exists():
+        raise UsageError(f"{source} does not exist")
+    fmt = _check_output(options.output)
+    is_folder = source.is_dir()
+    configured = pipeline.load_all(env, pipeline.PIPELINE)
+    common: CommonSettings = configured["ingest"]
+    # A private key prefix: this run's services take only this run's batch, even when
+    # they share Redis and PostgreSQL with a deployment.
+    prefix = f"{common.redis_prefix}-run-{secrets.token_hex(4)}"
+    configured = {
+        name: pipeline.replace(config, redis_prefix=prefix, log_level=config.log_level)
+        for name, config in configured.items()
+    }
+    if is_folder:
+        configured["fetcher"] = pipeline.replace(configured["fetcher"], fetch_allow_file=True)
+
+    async with pipeline.connected(common) as shared:
+        res = Resources(shared.redis, shared.pool, Keys(prefix))
+        batch_id = await ledger.create_batch(
+            res.pool,
+            ledger.NewBatch(
+                name=options.name or source.name,
+                pipeline=prefix,
+                analyzer=options.analyzer,
+                profile=options.profile,
+                model=options.model,
+                budget_usd=options.budget_usd,
+                source_name=None if is_folder else source.name,
+                options={"allow_file": True} if is_folder else {},
+            ),
+        )
+        stopping = asyncio.Event()
+        services = asyncio.create_task(pipeline.run_stages(res, configured, stopping))
+        started = time.perf_counter()
+        try:
+            chunks = folder_list(source) if is_folder else file_chunks(source)
+            try:
+                await ingest_list(
+                    res,
+                    batch_id,
+                    chunks,
+                    filename="list.txt" if is_folder else source.name,
+                    allow_file=is_folder,
+                )
+            except InputError as exc:
+                raise UsageError(f"cannot read {source}: {exc}") from None
+            batch = await _wait(res, batch_id, services, stop, options.progress)
+        finally:
+            stopping.set()
+            with contextlib.suppress(Exception):
+                await services
+            await _forget_keys(res)
+        elapsed = time.perf_counter() - started
+        if options.output is not None and fmt is not None:
+            await export_to_file(res, batch_id, options.output, fmt)  # type: ignore[arg-type]
+        errors = await ledger.error_counts(res.pool, batch_id)
+    return RunReport(batch, elapsed, errors, options.output)
+
+
+async def _wait(
+    res: Resources,
+    batch_id: uuid.UUID,
+    services: asyncio.Task[None],
+    stop: asyncio.Event,
+    progress: bool,
+) -> Any:
+    bar = tqdm(
+        total=0, unit="img", disable=None if progress else True, file=sys.stderr, dynamic_ncols=True
+    )
+    try:
+        while True:
+            batch = await ledger.batch(res.pool, batch_id)
+            done = batch["succeeded"] + batch["failed"] + batch["skipped"] + batch["cancelled"]
+            bar.total = batch["total"]
+            bar.n = done
+            bar.set_postfix(failed=batch["failed"], refresh=False)
+            bar.refresh()
+            if batch["state"] in ledger.FINISHED_BATCH_STATES:
+                return batch
+            if services.done():
+                services.result()
+                raise RuntimeError("the pipeline stopped before the batch finished")
+            if stop.is_set():
+                raise KeyboardInterrupt
+            await asyncio.sleep(0.25)
+    finally:
+        bar.close()
+
+
+async def _forget_keys(res: Resources) -> None:
+    """Remove this run's private streams and blobs."""
+    async for key in res.redis.scan_iter(match=f"{res.keys.prefix}:*", count=1000):
+        await res.redis.delete(key)
+
+
+async def export_to_file(
+    res: Resources, batch_id: uuid.UUID, path: Path, fmt: export.ExportFormat
+) -> None:
+    batch = await ledger.batch(res.pool, batch_id)
+    shape = export.layout(batch["metadata_columns"], batch["analysis_columns"])
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("wb") as handle:
+        async for piece in export.encode(
+            export.records(res.pool, batch_id, shape), shape.columns, fmt
+        ):
+            await asyncio.to_thread(handle.write, piece)
+    partial.replace(path)
+
+
+def summary(report: RunReport) -> str:
+    b = report.batch
+    total = b["total"]
+    rate = (
+        (b["succeeded"] + b["failed"] + b["skipped"]) / report.elapsed_s if report.elapsed_s else 0
+    )
+    lines = [
+        f"{total} images: {b['succeeded']} succeeded, {b['failed']} failed, {b['skipped']} skipped"
+        f" in {report.elapsed_s:.1f} s ({rate:.1f} images/s)"
+    ]
+    if report.errors:
+        lines.append(
+            "  failed by error class: " + ", ".join(f"{k} {v}" for k, v in report.errors.items())
+        )
+    if b["duplicates"] or b["invalid"]:
+        lines.append(f"  duplicate URLs dropped: {b['duplicates']}, invalid rows: {b['invalid']}")
+    if report.output is not None:
+        lines.append(f"  results: {report.output}")
+    return "\n".join(lines)
+
+
+async def up(env: Mapping[str, str], stop: asyncio.Event) -> None:
+    """Every service in this process, with the dashboard/API on API_PORT."""
+    names = (*pipeline.PIPELINE, "api")
+    configured = pipeline.load_all(env, names)
+    common: CommonSettings = configured["api"]
+    async with pipeline.connected(common) as res:
+        if not configured["api"].auth_disabled:
+            await res.pool.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE name = 'imagestream up' AND revoked_at IS NULL"
+            )
+            _, secret = await tokens.create(res.pool, "imagestream up", "admin")
+            print(f"admin token (shown once): {secret}", flush=True)
+        port = configured["api"].api_port
+        print(f"imagestream is up: http://127.0.0.1:{port}/  (Ctrl-C stops)", flush=True)
+        await pipeline.run_stages(res, configured, stop)

@@ -1,0 +1,192 @@
+"""``imagestream``: the one command for running, using and operating imagestream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from imagestream.common import db, settings, tokens
+from imagestream.common.connections import ConnectError
+from imagestream.common.logging import configure_logging
+from imagestream.common.runtime import run
+
+from . import local, pipeline
+
+log = logging.getLogger("imagestream")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imagestream",
+        description="Fetch, analyze and store structured results for lists of image URLs.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the services' logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "analyze", help="run a list (CSV/TXT/JSONL) or a folder of images through the pipeline here"
+    )
+    p.add_argument(
+        "input",
+        type=Path,
+        help="a CSV, TXT or JSONL list of URLs (optionally .gz), or a folder of images",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="results file; the format comes from the extension (.csv, .json, .jsonl)",
+    )
+    p.add_argument("--analyzer", default=None, help="local (default) or gemini")
+    p.add_argument("--profile", help="analysis profile (gemini)")
+    p.add_argument("--model", help="model (gemini)")
+    p.add_argument(
+        "--budget-usd", type=float, help="pause the batch before it costs more than this"
+    )
+    p.add_argument("--name", help="batch name (default: the input's file name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("demo", help="analyze a few bundled sample images served on 127.0.0.1")
+    sub.add_parser("up", help="run every service in this process (dashboard and API on :5001)")
+
+    p = sub.add_parser("serve", help="run one service (what a container runs)")
+    p.add_argument("stage", choices=sorted(pipeline.STAGES))
+
+    p = sub.add_parser("db", help="database administration")
+    dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    dbsub.add_parser("migrate", help="apply pending schema migrations")
+
+    p = sub.add_parser("tokens", help="API tokens")
+    tsub = p.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
+    t = tsub.add_parser("create", help="create a token (shown once)")
+    t.add_argument("--role", choices=tokens.ROLES, required=True)
+    t.add_argument("--name", required=True)
+    tsub.add_parser("list", help="list tokens (never their secrets)")
+    t = tsub.add_parser("revoke", help="revoke a token")
+    t.add_argument("id", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    env = settings.environment()
+    try:
+        common = settings.load(settings.CommonSettings, env)
+        if args.command == "serve":
+            configure_logging(common.log_level, common.log_format)
+        else:
+            configure_logging("INFO" if args.verbose else "WARNING", "text")
+        code = COMMANDS[args.command](args, env)
+    except settings.SettingsError as exc:
+        _fail(str(exc), 2)
+    except local.UsageError as exc:
+        _fail(str(exc), 2)
+    except ConnectError as exc:
+        _fail(str(exc), 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    raise SystemExit(code)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"imagestream: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _run(coro_factory: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
+    """Run on uvloop with SIGTERM/SIGINT setting the stop event; return the result."""
+    box: dict[str, Any] = {}
+
+    async def main(stop: asyncio.Event) -> None:
+        box["result"] = await coro_factory(stop)
+
+    run(main)
+    return box.get("result")
+
+
+# ---------------------------------------------------------------- commands
+def cmd_analyze(args: argparse.Namespace, env: dict[str, str]) -> int:
+    analyzer = args.analyzer or env.get("ANALYZER", "local")
+    options = local.RunOptions(
+        input=args.input,
+        output=args.output,
+        analyzer=analyzer,
+        profile=args.profile,
+        model=args.model,
+        budget_usd=args.budget_usd,
+        name=args.name,
+        progress=not args.no_progress,
+    )
+    report = _run(lambda stop: local.analyze(env, options, stop))
+    print(local.summary(report))
+    return 0 if report.batch["state"] in ("completed", "completed_with_errors") else 1
+
+
+def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from . import demo
+
+    return int(_run(lambda stop: demo.demo(env, stop)))
+
+
+def cmd_up(args: argparse.Namespace, env: dict[str, str]) -> int:
+    _run(lambda stop: local.up(env, stop))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, env: dict[str, str]) -> int:
+    config = settings.load(pipeline.STAGES[args.stage].settings, env)
+    _run(lambda stop: pipeline.serve(args.stage, config, stop))
+    return 0
+
+
+def cmd_db(args: argparse.Namespace, env: dict[str, str]) -> int:
+    common = settings.load(settings.CommonSettings, env)
+
+    async def migrate(_: asyncio.Event) -> list[str]:
+        async with (
+            pipeline.connected(common, pool_size=2, migrate=False) as res,
+            res.pool.acquire() as conn,
+        ):
+            return await db.migrate(conn)
+
+    applied = _run(migrate)
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace, env: dict[str, str]) -> int:
+    common = settings.load(settings.CommonSettings, env)
+
+    async def act(_: asyncio.Event) -> int:
+        async with pipeline.connected(common, pool_size=2) as res:
+            if args.tokens_command == "create":
+                token_id, secret = await tokens.create(res.pool, args.name, args.role)
+                print(f"token {token_id} ({args.role}, {args.name}); shown once:")
+                print(secret)
+            elif args.tokens_command == "list":
+                for row in await tokens.list_tokens(res.pool):
+                    state = "revoked" if row["revoked_at"] else "active"
+                    used = row["last_used_at"].isoformat() if row["last_used_at"] else "never"
+                    print(f"{row['id']:>4}  {row['role']:<6}  {state:<7}  ", end="")
+                    print(f"last used {used}  {row['name']}")
+            elif not await tokens.revoke(res.pool, args.id):
+                print(f"imagestream: no active token {args.id}", file=sys.stderr)
+                return 1
+            return 0
+
+    return int(_run(act))
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
+    "analyze": cmd_analyze,
+    "demo": cmd_demo,
+    "up": cmd_up,
+    "serve": cmd_serve,
+    "db": cmd_db,
+    "tokens": cmd_tokens,
+}

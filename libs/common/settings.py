@@ -1,0 +1,127 @@
+"""Typed settings read from the environment (and a ``.env`` file) once at start.
+
+Every field of a settings Struct is read from the upper-cased environment variable of
+the same name (``redis_url`` <- ``REDIS_URL``). Values are converted and checked by
+msgspec; a bad value stops the service with one line naming the variable.
+List fields take comma-separated values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+from dotenv import dotenv_values
+
+
+class SettingsError(Exception):
+    """A setting is missing or invalid; the message is one line naming the variable."""
+
+
+class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Settings every service shares."""
+
+    #: Redis URL (redis://, rediss://, unix://). Unset: the local tools embed a Redis.
+    redis_url: str | None = None
+    #: PostgreSQL DSN. Unset: the local tools embed a PostgreSQL.
+    database_url: str | None = None
+    #: Prefix of every Redis key, so several deployments (or tests) can share one Redis.
+    redis_prefix: str = "is"
+    log_level: str = "INFO"
+    log_format: typing.Literal["json", "text"] = "json"
+    #: Port of the /metrics and /healthz endpoint of a stage service (unset = the stage's
+    #: default, 9101-9104; 0 = any free port; -1 = none). The api serves them on its own port.
+    metrics_port: int | None = None
+    #: Seconds a stopping service waits for in-flight work before handing it back.
+    shutdown_grace_s: float = 20.0
+    #: Name of this consumer in its groups; default host-pid-random (unique per process).
+    consumer_name: str | None = None
+    #: Apply pending schema migrations at start (safe with replicas: they take a lock).
+    auto_migrate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        if self.shutdown_grace_s <= 0:
+            raise ValueError("SHUTDOWN_GRACE_S must be > 0")
+
+
+class StreamSettings(CommonSettings, kw_only=True, frozen=True):
+    """Settings of a stage that consumes a stream."""
+
+    #: How long a blocking read waits for new entries (ms); below the socket timeout.
+    read_block_ms: int = 2000
+    #: An entry held this long by a consumer that stopped answering is claimed (ms).
+    claim_idle_ms: int = 60_000
+    #: How often a worker looks for entries to claim (seconds).
+    claim_interval_s: float = 5.0
+    #: Deliveries after which an entry goes to the dead stream and its item fails.
+    max_deliveries: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.read_block_ms <= 0 or self.claim_idle_ms <= 0 or self.max_deliveries < 1:
+            raise ValueError("READ_BLOCK_MS, CLAIM_IDLE_MS and MAX_DELIVERIES must be positive")
+        if self.claim_idle_ms <= self.read_block_ms:
+            raise ValueError("CLAIM_IDLE_MS must be longer than READ_BLOCK_MS")
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+_FIELD_PATH = re.compile(r"at `\$\.(\w+)`")
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|URL")
+
+
+def _is_list(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple, frozenset, set):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(tp))
+    return False
+
+
+def environment(env_file: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The process environment over the values of ``.env`` (the environment wins)."""
+    path = Path(env_file or os.environ.get("IMAGESTREAM_ENV_FILE", ".env"))
+    merged: dict[str, str] = {}
+    if path.is_file():
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def load(cls: type[S], env: Mapping[str, str] | None = None) -> S:
+    """Build ``cls`` from the environment, or raise SettingsError with one clear line."""
+    source = environment() if env is None else env
+    hints = typing.get_type_hints(cls)
+    raw: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        value = source.get(field.name.upper())
+        if value is None:
+            continue
+        value = value.strip()
+        if _is_list(hints[field.name]):
+            raw[field.name] = [part.strip() for part in value.split(",") if part.strip()]
+        elif value == "" and field.default is None:
+            raw[field.name] = None
+        else:
+            raw[field.name] = value
+    try:
+        return msgspec.convert(raw, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _FIELD_PATH.search(text)
+        reason = _FIELD_PATH.sub("", text).strip().rstrip("-").strip()
+        if match:
+            name = match.group(1).upper()
+            # Values that may hold credentials are never echoed.
+            shown = "" if _SECRET_NAME.search(name) else f"={source.get(name, '')!r}"
+            raise SettingsError(f"invalid setting {name}{shown}: {reason}") from None
+        raise SettingsError(f"invalid settings: {reason}") from None

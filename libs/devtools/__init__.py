@@ -1,0 +1,1 @@
+"""Tools for development, tests and benchmarks: a Gemini-compatible server, image servers."""

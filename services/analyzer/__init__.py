@@ -1,0 +1,1 @@
+"""analyzer: turns a prepared image into a structured result (local or Gemini)."""

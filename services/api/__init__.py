@@ -1,0 +1,1 @@
+"""api: REST API, dashboard, exports, health and metrics."""

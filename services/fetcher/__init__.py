@@ -1,0 +1,1 @@
+"""fetcher: downloads images safely, identifies and prepares them for analysis."""

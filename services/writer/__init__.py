@@ -1,0 +1,1 @@
+"""writer: records item results in the ledger in bulk, idempotently."""

@@ -1,0 +1,22 @@
+"""Small helpers shared by tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[Any]], timeout: float = 30.0, interval: float = 0.05
+) -> Any:
+    """Poll an async predicate until it returns something truthy (bounded, never a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: last value {value!r}")
+        await asyncio.sleep(interval)
