@@ -10,7 +10,9 @@ from typing import Any
 async def wait_for(
     predicate: Callable[[], Awaitable[Any]], timeout: float = 30.0, interval: float = 0.05
 ) -> Any:
-    """Poll an async predicate until it returns something truthy (bounded, never a timing assertion)."""
+    """Poll an async predicate until it returns something truthy.
+
+    Bounded, and never a timing assertion: the timeout only stops a test that hangs."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:

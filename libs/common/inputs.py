@@ -18,6 +18,7 @@ import codecs
 import csv
 import hashlib
 import io
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -53,14 +54,26 @@ class Reject:
     raw: str
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+# Characters that ``quote`` would change: anything outside the unreserved and safe sets.
+_NEEDS_QUOTING = re.compile(r"[^A-Za-z0-9/%:@!$&'()*+,;=\-._~]")
+_NEEDS_QUOTING_QUERY = re.compile(r"[^A-Za-z0-9/%:@!$&'()*+,;=\-._~?]")
+
+
 def normalize_url(raw: str, *, allow_file: bool = False) -> str:
-    """The canonical form of an image URL, or ValueError with the reason."""
+    """The canonical form of an image URL, or ValueError with the reason.
+
+    This runs once per input row (tens of millions for a big list), so the common case, an
+    ASCII URL that needs no quoting, takes the fast paths.
+    """
     text = raw.strip()
     if not text:
         raise ValueError("empty URL")
     if len(text) > MAX_URL_LENGTH:
         raise ValueError(f"URL longer than {MAX_URL_LENGTH} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+    if _CONTROL.search(text):
         raise ValueError("URL contains control characters")
     try:
         parts = urlsplit(text)
@@ -78,8 +91,10 @@ def normalize_url(raw: str, *, allow_file: bool = False) -> str:
         raise ValueError(f"bad host or port ({exc})") from None
     if not host:
         raise ValueError("URL has no host")
-    if host.startswith("[") or ":" in host:
+    if ":" in host:
         hostname = f"[{host}]"
+    elif host.isascii():
+        hostname = host  # urlsplit already lower-cased it
     else:
         try:
             hostname = host.encode("idna").decode("ascii").lower()
@@ -93,8 +108,12 @@ def normalize_url(raw: str, *, allow_file: bool = False) -> str:
         hostname = f"{hostname}:{port}"
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@{hostname}" if userinfo else hostname
-    path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
-    query = quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+    path = parts.path or "/"
+    if _NEEDS_QUOTING.search(path):
+        path = quote(path, safe=_PATH_SAFE)
+    query = parts.query
+    if _NEEDS_QUOTING_QUERY.search(query):
+        query = quote(query, safe=_QUERY_SAFE)
     return urlunsplit((scheme, netloc, path, query, ""))
 
 

@@ -12,6 +12,22 @@ Key layout (``{p}`` is the prefix, setting ``REDIS_PREFIX``, default ``is``)::
     {p}:epoch               string  set by the reconciler; its absence means Redis lost its data
     {p}:alive:{stage}:{id}  string  heartbeat of one service process, TTL a few seconds
     {p}:dispatch:lock       string  short lease: one dispatcher tick at a time across replicas
+    {p}:flight:{analyzer}:{profile key}:{model}:{sha256}
+                            string  single-flight lease: the one analyzer replica analyzing this
+                                    content; the others wait for its analysis_cache row
+    {p}:budget:{batch id}   hash    spent / reserved nano-USD of a batch with a budget
+    {p}:gemini:quarantine   hash    short hash of a rejected (401/403) key -> reason; TTL
+    {p}:gemini:q:{project}:{model}:rate     zset    requests admitted in the quota window
+                                                    (member "id|tokens", score ms)
+    {p}:gemini:q:{project}:{model}:tokens   string  input tokens of those requests (TPM)
+    {p}:gemini:q:{project}:{model}:pace     string  next evenly-spaced send time, ms (GCRA)
+    {p}:gemini:q:{project}:{model}:day:{d}  string  requests of Pacific day d (RPD), TTL 2 days
+    {p}:gemini:q:{project}:{model}:backoff  string  exists while a 429's retryDelay runs (PX)
+    {p}:observe:lease       string  short lease: one process collects the deployment-wide gauges
+    {p}:gemini:status       hash    key short hash -> JSON status of that API key (project,
+                                    state, quota used/limits), published by analyzers, shown
+                                    by the api's system status (see docs/API.md)
+    {p}:download:{ticket}   string  a one-time export link of the dashboard (JSON), TTL 60 s
 
 Every stream entry has a single field ``m``: a msgpack-encoded message (see messages.py).
 An entry is deleted (XDEL) when it is acknowledged, so a stream's length is exactly the work
@@ -78,6 +94,31 @@ class Keys:
     @property
     def dispatch_lock(self) -> str:
         return f"{self.prefix}:dispatch:lock"
+
+    def flight(self, analyzer: str, profile_key: str, model: str, sha256_hex: str) -> str:
+        return f"{self.prefix}:flight:{analyzer}:{profile_key}:{model}:{sha256_hex}"
+
+    def budget(self, batch_id: str) -> str:
+        return f"{self.prefix}:budget:{batch_id}"
+
+    @property
+    def gemini_quarantine(self) -> str:
+        return f"{self.prefix}:gemini:quarantine"
+
+    def gemini_quota(self, project: str, model: str) -> str:
+        """Base of the quota keys of one (project, model): append ``:rate``, ``:tokens``..."""
+        return f"{self.prefix}:gemini:q:{project}:{model}"
+
+    @property
+    def observe_lease(self) -> str:
+        return f"{self.prefix}:observe:lease"
+
+    @property
+    def gemini_status(self) -> str:
+        return f"{self.prefix}:gemini:status"
+
+    def download(self, ticket: str) -> str:
+        return f"{self.prefix}:download:{ticket}"
 
 
 #: Consumer group of each stream, named after the stage that consumes it.

@@ -102,27 +102,38 @@ async def batch(conn: Conn, batch_id: uuid.UUID) -> asyncpg.Record:
 
 
 async def list_batches(
-    conn: Conn, *, limit: int = 50, offset: int = 0, state: str | None = None
-) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            """
-            SELECT * FROM batches WHERE ($1::text IS NULL OR state = $1)
-            ORDER BY created_at DESC, id LIMIT $2 OFFSET $3
-            """,
-            state,
-            limit,
-            offset,
-        )
+    conn: Conn,
+    *,
+    limit: int = 50,
+    offset: int = 0,
+    states: Sequence[str] = (),
+    search: str | None = None,
+) -> tuple[list[asyncpg.Record], int]:
+    """A page of batches, newest first (optionally in ``states``, or with ``search`` in the
+    name), and how many match in all."""
+    where = """
+        (cardinality($1::text[]) = 0 OR state = ANY($1::text[]))
+        AND ($2::text IS NULL OR strpos(lower(name), lower($2)) > 0)
+    """
+    rows = await conn.fetch(
+        f"SELECT * FROM batches WHERE {where} ORDER BY created_at DESC, id LIMIT $3 OFFSET $4",
+        list(states),
+        search,
+        limit,
+        offset,
     )
+    total: int = await conn.fetchval(
+        f"SELECT count(*) FROM batches WHERE {where}", list(states), search
+    )
+    return list(rows), total
 
 
 async def start_batch(conn: Conn, batch_id: uuid.UUID) -> None:
     await conn.execute(
         """
-        UPDATE batches SET state = 'running', started_at = coalesce(started_at, now()),
-               updated_at = now()
-        WHERE id = $1 AND state = 'queued'
+        UPDATE batches SET started_at = coalesce(started_at, now()), updated_at = now(),
+               state = CASE WHEN state = 'queued' THEN 'running' ELSE state END
+        WHERE id = $1 AND state IN ('queued', 'paused')
         """,
         batch_id,
     )
@@ -144,10 +155,15 @@ async def fail_batch(conn: Conn, batch_id: uuid.UUID, reason: str) -> None:
 async def insert_items(
     conn: asyncpg.Connection, batch_id: uuid.UUID, rows: Sequence[Row]
 ) -> tuple[int, int]:
-    """Add rows as pending items (COPY); returns (inserted, in-batch duplicates)."""
+    """Add rows as pending items (COPY); returns (inserted, in-batch duplicates).
+
+    Rows read after the batch was cancelled become cancelled items at once: the batch row
+    is share-locked, so a concurrent cancel either sees these rows or is seen by them."""
     if not rows:
         return 0, 0
     async with conn.transaction():
+        state = await conn.fetchval("SELECT state FROM batches WHERE id = $1 FOR SHARE", batch_id)
+        cancelled = state in ("cancelling", "cancelled")
         await conn.execute(
             """
             CREATE TEMP TABLE IF NOT EXISTS items_staging (
@@ -160,25 +176,39 @@ async def insert_items(
             records=[(r.line, r.url, r.url_hash, r.metadata) for r in rows],
             columns=["line", "url", "url_hash", "metadata"],
         )
-        status = await conn.execute(
-            """
-            INSERT INTO items (batch_id, line, url, url_hash, metadata)
-            SELECT $1, line, url, url_hash, metadata FROM items_staging ORDER BY line
-            ON CONFLICT (batch_id, url_hash) DO NOTHING
-            """,
-            batch_id,
-        )
+        if cancelled:
+            status = await conn.execute(
+                """
+                INSERT INTO items (batch_id, line, url, url_hash, metadata, state,
+                                   error_class, error_message, finished_at)
+                SELECT $1, line, url, url_hash, metadata, 'cancelled', 'cancelled',
+                       'batch cancelled', now()
+                FROM items_staging ORDER BY line
+                ON CONFLICT (batch_id, url_hash) DO NOTHING
+                """,
+                batch_id,
+            )
+        else:
+            status = await conn.execute(
+                """
+                INSERT INTO items (batch_id, line, url, url_hash, metadata)
+                SELECT $1, line, url, url_hash, metadata FROM items_staging ORDER BY line
+                ON CONFLICT (batch_id, url_hash) DO NOTHING
+                """,
+                batch_id,
+            )
         inserted = int(status.split()[-1])
         duplicates = len(rows) - inserted
         await conn.execute(
             """
             UPDATE batches SET total = total + $2, duplicates = duplicates + $3,
-                   updated_at = now()
+                   cancelled = cancelled + $4, updated_at = now()
             WHERE id = $1
             """,
             batch_id,
             inserted,
             duplicates,
+            inserted if cancelled else 0,
         )
     return inserted, duplicates
 
@@ -258,10 +288,14 @@ async def requeue_inflight(conn: Conn, pipeline: str, *, older_than_s: float | N
     status = await conn.execute(
         """
         UPDATE items SET state = 'pending', dispatched_at = NULL
-        WHERE state IN ('fetching', 'analyzing', 'writing')
-          AND ($2::float8 IS NULL OR dispatched_at < now() - make_interval(secs => $2))
-          AND batch_id IN (SELECT id FROM batches WHERE pipeline = $1
-                           AND state IN ('queued', 'running', 'paused', 'cancelling'))
+        WHERE id IN (
+            SELECT id FROM items
+            WHERE state IN ('fetching', 'analyzing', 'writing')
+              AND ($2::float8 IS NULL OR dispatched_at < now() - make_interval(secs => $2))
+              AND batch_id IN (SELECT id FROM batches WHERE pipeline = $1
+                               AND state IN ('queued', 'running', 'paused', 'cancelling'))
+            -- In id order, skipping rows the writer is finishing: no deadlock with it.
+            ORDER BY id FOR UPDATE SKIP LOCKED)
         """,
         pipeline,
         older_than_s,
@@ -303,9 +337,9 @@ async def apply_results(conn: asyncpg.Connection, results: Sequence[ItemResult])
         moved = await conn.fetch(
             """
             UPDATE items SET state = v.state, error_class = v.error_class,
-                   error_message = v.error_message, finished_at = now()
-            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-                 AS v(id, state, error_class, error_message)
+                   error_message = v.error_message, error_stage = v.stage, finished_at = now()
+            FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[])
+                 AS v(id, state, error_class, error_message, stage)
             WHERE items.id = v.id
               AND items.state NOT IN ('succeeded', 'failed', 'skipped', 'cancelled')
             RETURNING items.id, items.batch_id
@@ -314,6 +348,7 @@ async def apply_results(conn: asyncpg.Connection, results: Sequence[ItemResult])
             [r.status for r in final],
             [r.error_class for r in final],
             [r.error_message for r in final],
+            [r.stage if r.status != "succeeded" else None for r in final],
         )
         if requeued:
             await conn.execute(
@@ -427,7 +462,8 @@ async def _insert_results(conn: asyncpg.Connection, results: Sequence[ItemResult
 
 
 async def settle(conn: Conn, batch_ids: Sequence[uuid.UUID]) -> None:
-    """Finish batches whose every item is terminal (and whose list is fully read)."""
+    """Finish batches whose every item is terminal and whose list is fully read (or
+    will not be: it was cancelled)."""
     await conn.execute(
         """
         UPDATE batches SET
@@ -435,7 +471,7 @@ async def settle(conn: Conn, batch_ids: Sequence[uuid.UUID]) -> None:
                          WHEN failed > 0 THEN 'completed_with_errors'
                          ELSE 'completed' END,
             finished_at = now(), updated_at = now()
-        WHERE id = ANY($1::uuid[]) AND ingested
+        WHERE id = ANY($1::uuid[]) AND (ingested OR state = 'cancelling')
           AND state IN ('queued', 'running', 'paused', 'cancelling')
           AND succeeded + failed + skipped + cancelled >= total
         """,
@@ -460,6 +496,100 @@ async def error_counts(conn: Conn, batch_id: uuid.UUID) -> dict[str, int]:
         batch_id,
     )
     return {r["error_class"] or "unknown": r["n"] for r in rows}
+
+
+# ------------------------------------------------------------------ browsing (api)
+async def list_items(
+    conn: Conn,
+    batch_id: uuid.UUID,
+    *,
+    states: Sequence[str] = (),
+    error_classes: Sequence[str] = (),
+    after_line: int = 0,
+    limit: int = 100,
+) -> list[asyncpg.Record]:
+    """A page of a batch's items in input order, after input line ``after_line``."""
+    return list(
+        await conn.fetch(
+            """
+            SELECT i.id, i.line, i.url, i.state, i.attempts, i.error_class, i.error_message,
+                   i.error_stage, i.metadata, i.dispatched_at, i.finished_at,
+                   r.width, r.height, r.format, r.bytes, r.cost_usd
+            FROM items i LEFT JOIN results r ON r.item_id = i.id
+            WHERE i.batch_id = $1 AND i.line > $2
+              AND (cardinality($3::text[]) = 0 OR i.state = ANY($3::text[]))
+              AND (cardinality($4::text[]) = 0 OR i.error_class = ANY($4::text[]))
+            ORDER BY i.line LIMIT $5
+            """,
+            batch_id,
+            after_line,
+            list(states),
+            list(error_classes),
+            limit,
+        )
+    )
+
+
+async def inflight_counts(conn: Conn, batch_id: uuid.UUID) -> dict[str, int]:
+    """A batch's items in flight by stage state (cheap: the partial index on in-flight
+    items holds at most the dispatch window, whatever the batch's size)."""
+    rows = await conn.fetch(
+        """
+        SELECT state, count(*) AS n FROM items
+        WHERE batch_id = $1 AND state IN ('fetching', 'analyzing', 'writing') GROUP BY state
+        """,
+        batch_id,
+    )
+    found = {r["state"]: r["n"] for r in rows}
+    return {state: found.get(state, 0) for state in INFLIGHT_ITEM_STATES}
+
+
+async def item_detail(
+    conn: Conn, batch_id: uuid.UUID, item_id: int
+) -> tuple[asyncpg.Record, asyncpg.Record | None, list[asyncpg.Record]]:
+    """One item, its result (if it succeeded) and every failure it met, oldest first."""
+    item = await conn.fetchrow(
+        "SELECT * FROM items WHERE id = $1 AND batch_id = $2", item_id, batch_id
+    )
+    if item is None:
+        raise NotFound(f"no item {item_id} in batch {batch_id}")
+    result = await conn.fetchrow(
+        "SELECT *, encode(sha256, 'hex') AS sha256_hex FROM results WHERE item_id = $1", item_id
+    )
+    failures = await conn.fetch(
+        "SELECT stage, error_class, message, created_at FROM failures"
+        " WHERE item_id = $1 ORDER BY id",
+        item_id,
+    )
+    return item, result, list(failures)
+
+
+async def list_rejects(
+    conn: Conn, batch_id: uuid.UUID, *, after_line: int = 0, limit: int = 100
+) -> list[asyncpg.Record]:
+    """A page of the input rows ingest refused (the validation report), in input order."""
+    return list(
+        await conn.fetch(
+            "SELECT line, reason, raw FROM rejects WHERE batch_id = $1 AND line > $2"
+            " ORDER BY line LIMIT $3",
+            batch_id,
+            after_line,
+            limit,
+        )
+    )
+
+
+async def delete_batch(conn: asyncpg.Connection, batch_id: uuid.UUID) -> None:
+    """Delete a finished batch with its items, results, failures, rejects and upload."""
+    async with conn.transaction():
+        state = await conn.fetchval("SELECT state FROM batches WHERE id = $1 FOR UPDATE", batch_id)
+        if state is None:
+            raise NotFound(f"no batch {batch_id}")
+        if state in ACTIVE_BATCH_STATES:
+            raise Conflict(f"cannot delete a batch that is {state}: cancel it first")
+        for table in ("results", "failures", "items"):
+            await conn.execute(f"DELETE FROM {table} WHERE batch_id = $1", batch_id)
+        await conn.execute("DELETE FROM batches WHERE id = $1", batch_id)
 
 
 # ------------------------------------------------------------------ controls
@@ -517,6 +647,9 @@ async def cancel_batch(conn: asyncpg.Connection, batch_id: uuid.UUID) -> str:
             batch_id,
             int(status.split()[-1]),
         )
+        # The rest of the list will not be read (a reader still at work stops at its next
+        # block, and what it adds is cancelled at once).
+        await conn.execute("DELETE FROM upload_parts WHERE batch_id = $1", batch_id)
         await settle(conn, [batch_id])
         state: str = await conn.fetchval("SELECT state FROM batches WHERE id = $1", batch_id)
     return state
@@ -528,3 +661,73 @@ async def _changed(conn: Conn, batch_id: uuid.UUID, row: asyncpg.Record | None, 
         return state
     current = await batch(conn, batch_id)
     raise Conflict(f"cannot {action} a batch that is {current['state']}")
+
+
+async def replay_batch(
+    conn: asyncpg.Connection,
+    batch_id: uuid.UUID,
+    *,
+    error_classes: Sequence[str] = (),
+    stages: Sequence[str] = (),
+    item_ids: Sequence[int] = (),
+) -> int:
+    """Put failed items (optionally only some classes, stages or ids) back to pending.
+
+    Counters move with them; the batch runs again if it had finished. A replayed item
+    that then succeeds replaces its failure (the failure stays in its history).
+    """
+    async with conn.transaction():
+        current = await batch(conn, batch_id)
+        if current["state"] in ("cancelling", "cancelled", "failed"):
+            raise Conflict(f"cannot replay a batch that is {current['state']}")
+        status = await conn.execute(
+            """
+            UPDATE items SET state = 'pending', error_class = NULL, error_message = NULL,
+                   error_stage = NULL, finished_at = NULL, dispatched_at = NULL
+            WHERE batch_id = $1 AND state = 'failed'
+              AND (cardinality($2::text[]) = 0 OR error_class = ANY($2::text[]))
+              AND (cardinality($3::text[]) = 0 OR error_stage = ANY($3::text[]))
+              AND (cardinality($4::bigint[]) = 0 OR id = ANY($4::bigint[]))
+            """,
+            batch_id,
+            list(error_classes),
+            list(stages),
+            list(item_ids),
+        )
+        count = int(status.split()[-1])
+        if count:
+            await conn.execute(
+                """
+                UPDATE batches SET failed = failed - $2, updated_at = now(), finished_at = NULL,
+                       state = CASE WHEN state IN ('completed', 'completed_with_errors')
+                                    THEN 'running' ELSE state END
+                WHERE id = $1
+                """,
+                batch_id,
+                count,
+            )
+    return count
+
+
+# ------------------------------------------------------------------ in-flight progress
+_PREVIOUS_STATES = {"analyzing": ["fetching"], "writing": ["fetching", "analyzing"]}
+
+
+async def advance_items(conn: Conn, item_ids: Sequence[int], state: str) -> int:
+    """Move in-flight items forward (fetching -> analyzing -> writing); never backwards,
+    never out of a terminal state or back from pending.
+
+    Rows another transaction holds (the writer finishing them) are skipped, not waited
+    for: this is progress information, and waiting could deadlock with the writer."""
+    status = await conn.execute(
+        """
+        UPDATE items SET state = $2
+        WHERE id IN (SELECT id FROM items
+                     WHERE id = ANY($1::bigint[]) AND state = ANY($3::text[])
+                     ORDER BY id FOR UPDATE SKIP LOCKED)
+        """,
+        sorted(item_ids),
+        state,
+        _PREVIOUS_STATES[state],
+    )
+    return int(status.split()[-1])

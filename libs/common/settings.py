@@ -44,12 +44,17 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     consumer_name: str | None = None
     #: Apply pending schema migrations at start (safe with replicas: they take a lock).
     auto_migrate: bool = True
+    #: How often a service pings Redis/PostgreSQL and (one process per deployment, by lease)
+    #: collects the stream, dead-stream and batch gauges for /metrics (seconds).
+    observe_interval_s: float = 15.0
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
         if self.shutdown_grace_s <= 0:
             raise ValueError("SHUTDOWN_GRACE_S must be > 0")
+        if self.observe_interval_s <= 0:
+            raise ValueError("OBSERVE_INTERVAL_S must be > 0")
 
 
 class StreamSettings(CommonSettings, kw_only=True, frozen=True):
@@ -63,6 +68,8 @@ class StreamSettings(CommonSettings, kw_only=True, frozen=True):
     claim_interval_s: float = 5.0
     #: Deliveries after which an entry goes to the dead stream and its item fails.
     max_deliveries: int = 5
+    #: A consumer that holds nothing and was silent this long is removed from its group (ms).
+    consumer_stale_ms: int = 600_000
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +77,8 @@ class StreamSettings(CommonSettings, kw_only=True, frozen=True):
             raise ValueError("READ_BLOCK_MS, CLAIM_IDLE_MS and MAX_DELIVERIES must be positive")
         if self.claim_idle_ms <= self.read_block_ms:
             raise ValueError("CLAIM_IDLE_MS must be longer than READ_BLOCK_MS")
+        if self.consumer_stale_ms <= self.read_block_ms:
+            raise ValueError("CONSUMER_STALE_MS must be longer than READ_BLOCK_MS")
 
 
 S = TypeVar("S", bound=msgspec.Struct)

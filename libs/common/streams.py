@@ -240,5 +240,7 @@ async def delete(redis: Redis, stream: str, entry_ids: Sequence[str]) -> int:
 
 
 def is_missing_group(exc: ResponseError) -> bool:
-    """The stream or group vanished (Redis restarted empty or was flushed)."""
-    return "NOGROUP" in str(exc)
+    """The stream or group vanished (Redis restarted empty or was flushed, or the stream was
+    deleted while a read blocked on it)."""
+    text = str(exc)
+    return "NOGROUP" in text or "UNBLOCKED" in text

@@ -41,6 +41,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import messages
 from .keys import Keys
+from .progress import ItemProgress
 from .runtime import drain, supervise
 from .settings import StreamSettings
 from .streams import Entry, HandOff, StreamGroup, is_missing_group, lengths
@@ -62,6 +63,11 @@ INFLIGHT = Gauge("imagestream_stage_inflight", "Entries a stage holds now.", ["s
 CAPACITY = Gauge("imagestream_stage_capacity", "Entries a stage may hold at once.", ["stage"])
 CLAIMED = Counter(
     "imagestream_stage_claimed_total", "Entries taken over from stopped consumers.", ["stage"]
+)
+RECEIVED = Counter(
+    "imagestream_stage_received_total",
+    "Stream entries a stage took in (new, its own pending after a restart, or claimed).",
+    ["stage"],
 )
 
 T = TypeVar("T")
@@ -106,6 +112,8 @@ class StreamWorker(Generic[T]):
         bulk_size: int = 500,
         high_water: tuple[str, int] | None = None,
         consumer: str | None = None,
+        progress: ItemProgress | None = None,
+        advances: dict[str, str] | None = None,
     ) -> None:
         if (handle is None) == (handle_bulk is None):
             raise ValueError("give exactly one of handle / handle_bulk")
@@ -121,6 +129,9 @@ class StreamWorker(Generic[T]):
         self.on_dead = on_dead
         self.capacity = concurrency if handle else bulk_size
         self.high_water = high_water
+        # Output stream -> the in-flight state an item reaches when handed off to it.
+        self.progress = progress
+        self.advances = advances or {}
         self.inflight = 0
         self._slot_freed = asyncio.Event()
         # The loop holds the only strong reference to its tasks (asyncio keeps weak ones).
@@ -144,11 +155,17 @@ class StreamWorker(Generic[T]):
                 supervise("touch", self._touch, stop, self.settings.claim_idle_ms / 3000)
             ),
         ]
+        if self.progress is not None:
+            chores.append(asyncio.create_task(self.progress.run(stop)))
         log.info("worker started", extra={"stage": self.stage, "consumer": self.consumer})
         try:
             await self._dispatch(await self.group.read_own_pending(self.capacity))
             while not stop.is_set():
-                await self._read_once(stop)
+                try:
+                    await self._read_once(stop)
+                except Exception:
+                    log.exception("reading failed; retrying", extra={"stage": self.stage})
+                    await _wait_any(stop, at_most_s=1.0)
         finally:
             await drain(self._tasks, self.settings.shutdown_grace_s)
             for chore in chores:
@@ -205,7 +222,7 @@ class StreamWorker(Generic[T]):
 
     async def _remove_stale_consumers(self) -> None:
         """Forget consumers that hold nothing and have been silent for long."""
-        stale_ms = max(10 * self.settings.claim_idle_ms, 600_000)
+        stale_ms = self.settings.consumer_stale_ms
         for info in await self.group.consumers():
             name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
             if name != self.consumer and info["pending"] == 0 and info["idle"] > stale_ms:
@@ -230,6 +247,7 @@ class StreamWorker(Generic[T]):
     async def _dispatch(self, entries: list[Entry]) -> None:
         gone = [e.id for e in entries if e.payload is None]
         await self.group.drop(gone)
+        RECEIVED.labels(self.stage).inc(len(entries) - len(gone))
         ready: list[tuple[Entry, T]] = []
         for entry in entries:
             if entry.payload is None:
@@ -280,7 +298,12 @@ class StreamWorker(Generic[T]):
         finally:
             self._held.discard(entry.id)
         DURATION.labels(self.stage).observe(time.perf_counter() - started)
-        await self._submit([HandOff(entry.id, outputs)])
+        if await self._submit([HandOff(entry.id, outputs)]) and self.progress is not None:
+            item_id = getattr(message, "item_id", None)
+            for stream, _ in outputs:
+                state = self.advances.get(stream)
+                if state is not None and item_id is not None:
+                    self.progress.mark(item_id, state)
 
     async def _run_bulk(self, ready: list[tuple[Entry, T]]) -> None:
         assert self.handle_bulk is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -27,10 +28,18 @@ def _photos() -> tuple[np.ndarray, ...]:
         from skimage import data
     except ImportError:
         return ()
-    return tuple(
-        np.asarray(Image.fromarray(f()).convert("RGB"))
-        for f in (data.astronaut, data.chelsea, data.coffee, data.rocket, data.hubble_deep_field)
+    loaders: tuple[Callable[[], np.ndarray], ...] = (
+        data.astronaut,
+        data.chelsea,
+        data.coffee,
+        data.rocket,
+        data.hubble_deep_field,
     )
+    return tuple(np.asarray(Image.fromarray(load()).convert("RGB")) for load in loaders)
+
+
+def _colour(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randrange(256), rng.randrange(256), rng.randrange(256))
 
 
 def scene(width: int, height: int, seed: int) -> Image.Image:
@@ -47,12 +56,12 @@ def scene(width: int, height: int, seed: int) -> Image.Image:
         left = rng.randint(0, big.width - width)
         top = rng.randint(0, big.height - height)
         return big.crop((left, top, left + width, top + height))
-    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))  # type: ignore[arg-type]
+    image = Image.new("RGB", (width, height), _colour(rng))
     draw = ImageDraw.Draw(image)
     for _ in range(40):
         x0, y0 = rng.randrange(width), rng.randrange(height)
         x1, y1 = x0 + rng.randrange(1, width // 2 + 2), y0 + rng.randrange(1, height // 2 + 2)
-        draw.ellipse((x0, y0, x1, y1), fill=tuple(rng.randrange(256) for _ in range(3)))  # type: ignore[arg-type]
+        draw.ellipse((x0, y0, x1, y1), fill=_colour(rng))
     noise = np.random.default_rng(seed).integers(0, 24, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(np.asarray(image.filter(ImageFilter.SMOOTH)) // 2 + noise + 64)
 
@@ -61,7 +70,7 @@ def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     if fmt == "JPEG":
         options.setdefault("quality", 90)
-    image.save(buffer, format=fmt, **options)  # type: ignore[arg-type]
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 

@@ -69,6 +69,10 @@ class IngestSettings(StreamSettings, kw_only=True, frozen=True):
             raise ValueError("DISPATCH_WINDOW and INGEST_CHUNK_ROWS must be >= 1")
 
 
+class _Cancelled(Exception):
+    """The batch was cancelled while its list was being read."""
+
+
 @dataclass(slots=True)
 class IngestSummary:
     accepted: int = 0
@@ -86,60 +90,84 @@ async def ingest_list(
     chunk_rows: int = 10_000,
 ) -> IngestSummary:
     """Read a list into the ledger. Rows up to the batch's ``ingest_line`` are skipped
-    (already committed by an earlier attempt)."""
+    (already committed by an earlier attempt).
+
+    Parsing (in an executor) and writing (COPY, in PostgreSQL) overlap: while one block of
+    rows is being written, the next is parsed.
+    """
     loop = asyncio.get_running_loop()
-    batch = await ledger.batch(res.pool, batch_id)
-    done_line = batch["ingest_line"]
+    done_line = 0  # read under the lock below
     parser = ListParser(filename=filename, allow_file=allow_file)
     summary = IngestSummary()
-    rows: list[Row] = []
-    rejects: list[Reject] = []
+    blocks: asyncio.Queue[tuple[list[Row], list[Reject], int] | None] = asyncio.Queue(maxsize=2)
 
-    async def flush(last_line: int) -> None:
-        async with res.pool.acquire() as conn, conn.transaction():
-            inserted, duplicates = await ledger.insert_items(conn, batch_id, rows)
-            await ledger.insert_rejects(conn, batch_id, rejects)
-            await conn.execute(
-                "UPDATE batches SET ingest_line = greatest(ingest_line, $2) WHERE id = $1",
-                batch_id,
-                last_line,
-            )
-        summary.accepted += inserted
-        summary.duplicates += duplicates
-        summary.invalid += len(rejects)
-        ROWS.labels("accepted").inc(inserted)
-        ROWS.labels("duplicate").inc(duplicates)
-        ROWS.labels("invalid").inc(len(rejects))
-        rows.clear()
-        rejects.clear()
+    async def write_blocks() -> None:
+        while (block := await blocks.get()) is not None:
+            rows, rejects, last_line = block
+            async with res.pool.acquire() as conn, conn.transaction():
+                # A commit lost in a crash only means these rows are read again.
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                inserted, duplicates = await ledger.insert_items(conn, batch_id, rows)
+                await ledger.insert_rejects(conn, batch_id, rejects)
+                await conn.execute(
+                    "UPDATE batches SET ingest_line = greatest(ingest_line, $2) WHERE id = $1",
+                    batch_id,
+                    last_line,
+                )
+            summary.accepted += inserted
+            summary.duplicates += duplicates
+            summary.invalid += len(rejects)
+            ROWS.labels("accepted").inc(inserted)
+            ROWS.labels("duplicate").inc(duplicates)
+            ROWS.labels("invalid").inc(len(rejects))
+            if (await ledger.batch(res.pool, batch_id))["state"] in ("cancelling", "cancelled"):
+                raise _Cancelled
 
-    def take(parsed: Sequence[Row | Reject]) -> int:
-        last = 0
-        for entry in parsed:
-            last = entry.line
-            if entry.line <= done_line:
-                continue
-            (rows if isinstance(entry, Row) else rejects).append(entry)  # type: ignore[arg-type]
-        return last
+    async def read_blocks() -> None:
+        rows: list[Row] = []
+        rejects: list[Reject] = []
+        last_line = 0
+
+        def take(parsed: Sequence[Row | Reject]) -> None:
+            nonlocal last_line
+            for entry in parsed:
+                last_line = entry.line
+                if entry.line > done_line:
+                    if isinstance(entry, Row):
+                        rows.append(entry)
+                    else:
+                        rejects.append(entry)
+
+        async for chunk in chunks:
+            take(await loop.run_in_executor(None, parser.feed, chunk))
+            if len(rows) + len(rejects) >= chunk_rows:
+                await blocks.put((rows, rejects, last_line))
+                rows, rejects = [], []
+        take(await loop.run_in_executor(None, parser.close))
+        await blocks.put((rows, rejects, last_line))
+        await blocks.put(None)
 
     async with res.pool.acquire() as lock_conn:
         # One reader per list, across replicas: a second submission of the same batch
         # (a redelivery, a re-drive) leaves it to the reader that holds the lock.
-        if not await lock_conn.fetchval(
-            "SELECT pg_try_advisory_lock(hashtext($1))", str(batch_id)
-        ):
+        if not await lock_conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1))", str(batch_id)):
             log.info("list is being read by another ingest", extra={"batch": str(batch_id)})
             return summary
         try:
+            batch = await ledger.batch(res.pool, batch_id)
+            if batch["ingested"]:
+                return summary  # another reader finished it before we got the lock
+            done_line = batch["ingest_line"]
             await ledger.start_batch(res.pool, batch_id)
-            last_line = 0
-            async for chunk in chunks:
-                parsed = await loop.run_in_executor(None, parser.feed, chunk)
-                last_line = max(last_line, take(parsed))
-                if len(rows) + len(rejects) >= chunk_rows:
-                    await flush(last_line)
-            last_line = max(last_line, take(await loop.run_in_executor(None, parser.close)))
-            await flush(last_line)
+            try:
+                # If either side fails, the group cancels the other.
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(write_blocks())
+                    group.create_task(read_blocks())
+            except ExceptionGroup as failed:
+                if not isinstance(failed.exceptions[0], _Cancelled):
+                    raise failed.exceptions[0] from None
+                log.info("batch cancelled: list not read further", extra={"batch": str(batch_id)})
             async with res.pool.acquire() as conn:
                 await ledger.finish_ingest(conn, batch_id, parser.format or "txt", parser.columns)
         finally:
@@ -259,9 +287,11 @@ class Ingest:
         # Lists nobody is reading (their submission was lost with Redis, or never sent).
         unread = await self.res.pool.fetch(
             """
-            UPDATE batches SET updated_at = now()
+            UPDATE batches b SET updated_at = now()
             WHERE pipeline = $1 AND NOT ingested AND state IN ('queued', 'running', 'paused')
               AND updated_at < now() - make_interval(secs => $2)
+              -- Only uploads can be read again; a list the CLI streams has no parts.
+              AND EXISTS (SELECT 1 FROM upload_parts p WHERE p.batch_id = b.id)
             RETURNING id
             """,
             keys.prefix,

@@ -1,0 +1,205 @@
+"""End-to-end images/s of the pipeline with the local analyzer, next to the bare loop of
+the same fetch + decode without the pipeline.
+
+    uv run python bench/pipeline.py [--images 2000] [--runs 3]
+
+A corpus of JPEGs (mixed 640x480 to 1920x1080, cropped from real photographs) is served
+on 127.0.0.1 by a separate process. Measured, each ``--runs`` times (medians reported):
+
+* bare loop: aiohttp GET with the fetcher's concurrency + ``image.prepare`` (identify,
+  decode with DCT scaling, orient, downscale, encode) in a thread pool of one thread per
+  core: the floor the pipeline is compared with;
+* pipeline, one process: ``imagestream analyze`` (ingest, fetcher, analyzer with the local
+  analyzer, writer, all in one process) on the same URLs;
+* pipeline, one process per stage: ``imagestream serve`` ingest/fetcher/analyzer/writer as
+  four processes against Redis and PostgreSQL on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import REDIS_URL, corpus_dir, machine, median, scratch_database, serve_directory, table
+
+from imagestream.common import db, ledger, messages, streams
+from imagestream.common.connections import redis_client
+from imagestream.common.keys import Keys
+from imagestream.devtools import corpus
+from imagestream.devtools.processes import Fleet, service_env
+from imagestream.fetcher import image
+
+
+def build_corpus(count: int) -> Path:
+    folder = corpus_dir(f"pipeline-{count}")
+    missing = [i for i in range(count) if not (folder / f"{i:05d}.jpg").exists()]
+    if missing:
+        print(
+            f"generating {len(missing)} JPEGs in {folder} (cached for later runs)...",
+            file=sys.stderr,
+        )
+        for s in corpus.mixed(count, sizes=((640, 480), (1920, 1080)), seed=2024):
+            index = int(Path(s.name).stem)
+            if index in missing:
+                (folder / f"{index:05d}.jpg").write_bytes(s.data)
+    return folder
+
+
+def urls(bases: str, folder: Path) -> list[str]:
+    servers = bases.split(",")
+    names = sorted(p.name for p in folder.iterdir())
+    return [f"{servers[i % len(servers)]}/{name}" for i, name in enumerate(names)]
+
+
+async def bare_loop(targets: list[str], concurrency: int = 64) -> float:
+    """Seconds to fetch and prepare every URL without the pipeline."""
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+
+    async def one(session: aiohttp.ClientSession, url: str) -> None:
+        async with gate:
+            async with session.get(url) as response:
+                body = await response.read()
+            await loop.run_in_executor(pool, partial(image.prepare, body, target_long_side=768))
+
+    started = time.perf_counter()
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(one(session, u) for u in targets))
+    elapsed = time.perf_counter() - started
+    pool.shutdown()
+    return elapsed
+
+
+def env_for(database_url: str, prefix: str) -> dict[str, str]:
+    return service_env(REDIS_URL, database_url, prefix, METRICS_PORT="-1", LOG_LEVEL="WARNING")
+
+
+def run_analyze(listing: Path, database_url: str) -> float:
+    """Seconds the in-process pipeline took (from its own summary line)."""
+    out = listing.with_suffix(".results.csv")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagestream.cli",
+            "analyze",
+            str(listing),
+            "-o",
+            str(out),
+            "--no-progress",
+        ],
+        env=env_for(database_url, f"bench{uuid.uuid4().hex[:6]}"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    match = re.search(r"(\d+) succeeded.* in ([\d.]+) s", done.stdout)
+    assert match, done.stdout + done.stderr
+    return float(match.group(2))
+
+
+async def run_processes(listing: Path, database_url: str, count: int) -> float:
+    """Seconds from submission to completion with one process per stage."""
+    prefix = f"bench{uuid.uuid4().hex[:6]}"
+    redis = redis_client(REDIS_URL)
+    fleet = Fleet(env_for(database_url, prefix), corpus_dir("logs"))
+    for stage in ("ingest", "fetcher", "analyzer", "writer"):
+        fleet.start(stage)
+    try:
+        pool = await db.create_pool(database_url, max_size=2)
+        async with pool.acquire() as conn:
+            await db.migrate(conn)
+        await asyncio.sleep(3)  # let every stage connect before the clock starts
+        batch_id = await ledger.create_batch(
+            pool, ledger.NewBatch(name="bench", pipeline=prefix, source_name=listing.name)
+        )
+        async with pool.acquire() as conn:
+            await ledger.store_upload_part(conn, batch_id, 0, listing.read_bytes())
+        started = time.perf_counter()
+        await streams.append(
+            redis,
+            Keys(prefix).batches,
+            [messages.encode(messages.BatchSubmitted(batch_id=str(batch_id)))],
+        )
+        while True:
+            row = await pool.fetchrow(
+                "SELECT state, succeeded + failed + skipped AS done FROM batches WHERE id = $1",
+                batch_id,
+            )
+            assert row is not None
+            if row["state"] not in ("queued", "running"):
+                break
+            await asyncio.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        assert row["done"] == count, row
+        await pool.close()
+        return elapsed
+    finally:
+        fleet.stop_all()
+        async for key in redis.scan_iter(match=f"{prefix}:*"):
+            await redis.delete(key)
+        await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--servers", type=int, default=1, help="image server processes")
+    args = parser.parse_args()
+    folder = build_corpus(args.images)
+    megapixels = []
+    results: dict[str, list[float]] = {"bare": [], "analyze": [], "processes": []}
+    with serve_directory(folder, args.servers) as bases, scratch_database() as database_url:
+        targets = urls(bases, folder)
+        listing = corpus_dir("lists") / f"pipeline-{args.images}.txt"
+        listing.write_text("\n".join(targets) + "\n")
+        for run in range(args.runs):
+            results["bare"].append(asyncio.run(bare_loop(targets)))
+            results["analyze"].append(run_analyze(listing, database_url))
+            results["processes"].append(
+                asyncio.run(run_processes(listing, database_url, args.images))
+            )
+            print(
+                f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in results.items()),
+                file=sys.stderr,
+            )
+    del megapixels
+    bare = args.images / median(results["bare"])
+    rows = [
+        [
+            "bare fetch + decode loop (no pipeline)",
+            f"{median(results['bare']):.1f}",
+            f"{bare:.0f}",
+            "1.00",
+        ]
+    ]
+    for key, label in (
+        ("analyze", "pipeline, one process (imagestream analyze)"),
+        ("processes", "pipeline, one process per stage"),
+    ):
+        rate = args.images / median(results[key])
+        rows.append([label, f"{median(results[key]):.1f}", f"{rate:.0f}", f"{rate / bare:.2f}"])
+    print(f"\nmachine: {machine()}")
+    print(
+        f"corpus: {args.images} JPEGs, 640x480..1920x1080, served from 127.0.0.1; medians of {args.runs} runs\n"
+    )
+    print(table(["mode", "seconds", "images/s", "ratio to bare loop"], rows))
+
+
+if __name__ == "__main__":
+    main()
