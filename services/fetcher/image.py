@@ -9,7 +9,7 @@ the same input bytes always give the same output bytes.
   a supported image (HTML, JSON, PDF, text, SVG...) before the rest of the body arrives.
 - ``prepare`` identifies the content by its magic bytes (never by Content-Type), guards
   against decompression bombs from the header, decodes the first frame (JPEGs with
-  reduced-size DCT decoding), downscales it with LANCZOS, applies the EXIF orientation and
+  reduced-size DCT decoding), downscales it with HAMMING, applies the EXIF orientation and
   encodes the analysis image once, as JPEG, or as PNG when it has real transparency. A
   small upright JPEG is passed through as is, never re-encoded.
 
@@ -116,7 +116,7 @@ SUPPORTED_FORMATS: Final = frozenset(_OPENERS)
 # Raster formats we recognise but do not decode, with the name users know them by.
 # ICO/CUR hold several images whose real sizes are only known once each is decoded, so
 # the header check cannot guard them (and favicons are not analysis material); JPEG 2000
-# decoding is slow and a long history of decoder CVEs; the rest are niche or layered
+# decoding is slow and has a long history of decoder CVEs; the rest are niche or layered
 # formats whose rendering would not match what a browser shows.
 _UNSUPPORTED_RASTER: dict[str, str] = {
     "JPEG2000": "JPEG 2000",
@@ -206,14 +206,16 @@ _SNIFF_WINDOW: Final = 4096
 #: for ~25% more bytes (768 px RGBA: 35 ms vs 106 ms here), and bytes matter less than
 #: CPU on this stage, as Gemini bills an image by its pixel size, not its file size.
 _PNG_COMPRESS_LEVEL: Final = 1
-#: Resampling: LANCZOS after a reduced-size JPEG decode. Measured on photo mosaics (JPEG
-#: q90, 3000x2000 and 4000x3000 -> 768 px), against a full decode + LANCZOS: 51 and 46 dB
-#: PSNR for LANCZOS, 46 and 43 dB for BICUBIC, which is only ~4 ms (~15%) faster. The
-#: analyzer measures sharpness on this image, so the sharper filter is worth its cost.
-_RESAMPLE: Final = Image.Resampling.LANCZOS
+#: Resampling: HAMMING after a reduced-size JPEG decode. On bench/decode.py's photo JPEGs
+#: (640x480..3000x2000 -> 768 px), draft decode + resize takes 18.5 ms with LANCZOS,
+#: 15.2 ms with BICUBIC and 12.3 ms with HAMMING, at 47.9, 44.5 and 40.4 dB PSNR against a
+#: full decode + LANCZOS. This is the hot path of the whole pipeline (with the local
+#: analyzer at ~5 ms per image, preparing is what bounds images/s per core), and 40 dB is
+#: far above what the analyzers can tell apart, so the fastest filter wins.
+_RESAMPLE: Final = Image.Resampling.HAMMING
 #: For formats without reduced-size decoding (PNG, WebP...), ``reducing_gap`` first
-#: shrinks by an integer factor with a box filter (``Image.reduce``), then LANCZOS does the
-#: rest: 4000x3000 -> 768 px in 88 ms instead of 154 ms, 55.6 dB PSNR against pure LANCZOS.
+#: shrinks by an integer factor with a box filter (``Image.reduce``), then the filter does
+#: the rest (measured with LANCZOS: 4000x3000 -> 768 px in 88 ms instead of 154 ms, 55.6 dB).
 _REDUCING_GAP: Final = 2.0
 #: A small upright JPEG is passed through only when it carries at most this many bytes per
 #: pixel: a photo at quality 95 stays well under it; heavier files carry big metadata
@@ -417,13 +419,18 @@ def prepare(
     long side at most ``target_long_side`` (never upscaled), encoded as JPEG at
     ``jpeg_quality``, or as PNG when it has real transparency. Raises ``ItemError``
     (NOT_AN_IMAGE, UNSUPPORTED_FORMAT, IMAGE_TOO_LARGE or DECODE_ERROR).
+
+    ``facts`` describe the original: its displayed size (after EXIF orientation), Pillow's
+    format name and mode, its length and sha256, and ``frames`` = Pillow's ``n_frames``
+    (animation frames, TIFF pages, the pictures of a multi-picture "MPO" JPEG).
     """
     if target_long_side < 1 or max_pixels < 1 or not 1 <= jpeg_quality <= 100:
         raise ValueError(
             "target_long_side and max_pixels must be positive, jpeg_quality within 1..100"
         )
     fmt = _identify(original[:_SNIFF_WINDOW], complete=True)
-    assert fmt is not None  # complete=True always decides
+    if fmt is None:  # not reached: a complete sniff always decides
+        raise ItemError(ErrorClass.NOT_AN_IMAGE, "unrecognised content, not an image")
     if fmt == "WEBP":
         # Pillow's WebP plugin allocates the whole canvas when it opens the file.
         size = _webp_canvas_size(original)
@@ -497,15 +504,15 @@ def _prepare_opened(
 
     if isinstance(im, JpegImagePlugin.JpegImageFile):
         # Reduced-size DCT decoding (libjpeg scale 1/2, 1/4 or 1/8): the largest scale that
-        # still gives at least the target size. 3000x2000 -> 768 px decodes at 1/2 and
-        # takes a third of the time of a full decode + resize (bench/decode.py).
+        # still gives at least the target size, e.g. 1/2 for 3000x2000 -> 768 px. Over
+        # bench/decode.py's photos this halves the time of a full decode + resize.
         im.draft("RGB", target)
     im.load()
     frame: Image.Image = _normalise_mode(im)
     if frame.size != target:
         frame = frame.resize(target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
     if transpose is not None:
-        # Transposed after resizing: the same result, on 1/4 to 1/60 of the pixels.
+        # Transposed after resizing: the same result, on the small image.
         frame = frame.transpose(transpose)
     if frame.mode == "CMYK":
         frame = _cmyk_to_rgb(frame, im.info.get("icc_profile"))
@@ -603,7 +610,7 @@ def _high_depth_to_l(im: Image.Image) -> Image.Image:
             out = np.round((values - low) * (255 / (high - low))).astype(np.uint8)
         else:
             out = np.zeros(arr.shape, np.uint8)
-    return Image.fromarray(out, mode="L")
+    return Image.fromarray(out)  # 2-D uint8: mode "L"
 
 
 def _cmyk_to_rgb(im: Image.Image, icc: Any) -> Image.Image:
@@ -646,8 +653,8 @@ def _encode(frame: Image.Image, facts: ImageFacts, quality: int, icc: bytes | No
 
     Transparency is kept rather than flattened on a colour: a white logo on a transparent
     background would vanish on white, and the analyzer decides how to composite. Gemini
-    takes both; JPEG is ~10x smaller and ~20x faster to encode for photos, so it is the
-    default.
+    takes both; for a 768 px photo JPEG is ~10x smaller and ~30x faster to encode, so it
+    is the default.
     """
     buffer = io.BytesIO()
     extra: dict[str, Any] = {"icc_profile": icc} if icc else {}
