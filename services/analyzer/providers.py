@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
 
+from imagestream.common import control, ledger
+from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.messages import ImageFacts, Usage
 
 from . import local
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,16 +29,60 @@ class Analysis:
     model: str | None = None
 
 
+@dataclass(slots=True)
+class PaidError(ItemError):
+    """The item failed after tokens were spent on it: the cost is still the batch's."""
+
+    usage: Usage | None = None
+
+
+class Halted(Exception):
+    """The item's batch was paused (budget reached, no usable key, by a user) or cancelled
+    before its analysis was sent: the item goes back to pending, or is cancelled."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(reason)
+        self.state = state
+
+
+async def pause_batch(res: Resources, batch_id: str, reason: str) -> None:
+    """Pause a batch on behalf of the analyzer, as the API's pause does."""
+    try:
+        await ledger.pause_batch(res.pool, uuid.UUID(batch_id), reason)
+    except ledger.Conflict:
+        return  # already paused (another replica got there first), or finished
+    await control.set_halted(res.redis, res.keys, batch_id, "paused")
+    log.warning("batch paused: %s", reason, extra={"batch": batch_id, "reason": reason})
+
+
 class Provider(Protocol):
     name: str
+    #: Whether an analysis costs money: a paid provider sends nothing for a paused batch
+    #: (its items go back to pending), a free one finishes the work already in flight.
+    paid: bool
 
     def columns(self, config: BatchConfig) -> list[str]:
         """The analysis fields this provider returns for the batch, in export order."""
         ...
 
-    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis: ...
+    def cache_key(self, config: BatchConfig) -> tuple[str, str]:
+        """(profile key, model): with the content's sha256 and the provider's name, what
+        identifies an analysis in the cache. Change the profile key when answers change."""
+        ...
+
+    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
+        """Raises ItemError (the item fails) or Halted (its batch stopped meanwhile)."""
+        ...
+
+    async def report(self, stop: asyncio.Event) -> None:
+        """Publish the provider's state for the dashboard until ``stop`` (if it has any)."""
+        ...
 
     async def close(self) -> None: ...
+
+
+#: Bump when local.analyze gives other answers for the same image.
+LOCAL_VERSION = "local@1"
 
 
 @dataclass
@@ -40,6 +90,7 @@ class LocalProvider:
     """Offline image facts computed on this machine (no key, no cost)."""
 
     name: str = "local"
+    paid: bool = False
     threads: int = 0
     _pool: ThreadPoolExecutor = field(init=False)
 
@@ -51,6 +102,9 @@ class LocalProvider:
     def columns(self, config: BatchConfig) -> list[str]:
         return list(local.COLUMNS)
 
+    def cache_key(self, config: BatchConfig) -> tuple[str, str]:
+        return LOCAL_VERSION, ""
+
     async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
         loop = asyncio.get_running_loop()
         try:
@@ -58,6 +112,9 @@ class LocalProvider:
         except OSError as exc:  # Pillow: unreadable image data
             raise ItemError(ErrorClass.DECODE_ERROR, f"cannot decode the image: {exc}") from None
         return Analysis(fields=fields)
+
+    async def report(self, stop: asyncio.Event) -> None:
+        return  # nothing to publish: no keys, no quota
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,13 +1,17 @@
 """The analyzer service: one AnalyzeTask in, the item's result out.
 
-The image comes from Redis by reference (the fetcher stored it). If it expired before the
-analyzer got to it, the item goes back to the fetch stream rather than failing.
+Order of work for an item: a paused batch hands it back (nothing is spent on a paused
+batch), a cancelled one cancels it; the analysis cache answers if it can (``cache``), with
+duplicates arriving together analyzed once across replicas; otherwise the image comes from
+Redis by reference (the fetcher stored it) and the batch's provider analyzes it. If the
+image expired before the analyzer got to it, the item goes back to the fetch stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import uuid
 from collections.abc import Sequence
 
@@ -15,14 +19,16 @@ from prometheus_client import Histogram
 
 from imagestream.common import messages
 from imagestream.common.connections import Resources
-from imagestream.common.control import BatchConfig, BatchConfigs
+from imagestream.common.control import BatchConfig, BatchConfigs, HaltedBatches
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
-from imagestream.common.settings import StreamSettings
+from imagestream.common.progress import ItemProgress
 from imagestream.common.worker import Out, StreamWorker, out
 
-from .providers import LocalProvider, Provider
+from .cache import CACHE_LOOKUPS, AnalysisCache, ContentKey
+from .gemini import GeminiProvider, GeminiSettings
+from .providers import Analysis, Halted, LocalProvider, PaidError, Provider
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +40,24 @@ ANALYZE_SECONDS = Histogram(
 )
 
 
-class AnalyzerSettings(StreamSettings, kw_only=True, frozen=True):
-    #: Images analyzed at once by one process.
-    analyze_concurrency: int = 8
+class AnalyzerSettings(GeminiSettings, kw_only=True, frozen=True):
+    #: Images one process holds at once (0 = automatic: 8 for the local analyzer; with
+    #: Gemini keys, enough to keep the whole quota busy at a few seconds of latency).
+    analyze_concurrency: int = 0
     #: Threads for the local analyzer (0 = one per core).
     analyze_threads: int = 0
+
+    def concurrency(self) -> int:
+        if self.analyze_concurrency > 0:
+            return self.analyze_concurrency
+        if not self.gemini_api_keys:
+            return 8
+        rpm = GeminiProvider.quota_rpm(self)
+        if rpm == 0:  # an unlimited project: as many as one process may send
+            return self.gemini_max_inflight
+        # Little's law at 6 s per call (latency plus time queued for pacing), at least 16.
+        per_second = rpm / self.gemini_quota_window_s
+        return max(16, min(self.gemini_max_inflight * 2, math.ceil(per_second * 6)))
 
 
 class Analyzer:
@@ -48,38 +67,92 @@ class Analyzer:
         self.res = res
         self.settings = settings
         self.configs = BatchConfigs(res.pool)
+        self.halted = HaltedBatches(res.redis, res.keys)
+        self.cache = AnalysisCache(res)
         self.providers = providers
         self._columns_recorded: set[str] = set()
 
-    def _result(self, task: messages.AnalyzeTask, error: ItemError) -> Out:
-        ITEM_OUTCOMES.labels("analyzer", "failed", error.error_class).inc()
+    def _result(
+        self,
+        task: messages.AnalyzeTask,
+        status: messages.ItemStatus,
+        error: ItemError | None = None,
+    ) -> Out:
+        ITEM_OUTCOMES.labels("analyzer", status, error.error_class if error else "").inc()
         return out(
             self.res.keys.write,
             messages.ItemResult(
                 batch_id=task.batch_id,
                 item_id=task.item_id,
-                status="failed",
+                status=status,
                 stage="analyzer",
-                error_class=error.error_class.value,
-                error_message=error.message,
+                error_class=error.error_class.value if error else None,
+                error_message=error.message if error else None,
+                # Tokens spent on an item that then failed are still the batch's cost.
+                usage=error.usage if isinstance(error, PaidError) else None,
+            ),
+        )
+
+    def _succeeded(
+        self, task: messages.AnalyzeTask, provider: Provider, analysis: Analysis, cache_hit: bool
+    ) -> Out:
+        ITEM_OUTCOMES.labels("analyzer", "succeeded", "").inc()
+        return out(
+            self.res.keys.write,
+            messages.ItemResult(
+                batch_id=task.batch_id,
+                item_id=task.item_id,
+                status="succeeded",
+                stage="analyzer",
+                facts=task.facts,
+                analyzer=provider.name,
+                model=analysis.model,
+                analysis=analysis.fields,
+                usage=analysis.usage,
+                cache_hit=cache_hit,
             ),
         )
 
     async def handle(self, task: messages.AnalyzeTask) -> Sequence[Out]:
+        halted = await self.halted.state(task.batch_id)
+        if halted == "cancelled":
+            error = ItemError(ErrorClass.CANCELLED, "batch cancelled")
+            return [self._result(task, "cancelled", error)]
         config = await self.configs.get(task.batch_id)
         if config is None:
             return []  # the batch was deleted
         provider = self.providers.get(config.analyzer)
         if provider is None:
-            return [
-                self._result(
-                    task,
-                    ItemError(
-                        ErrorClass.ANALYZER_ERROR,
-                        f"analyzer {config.analyzer!r} is not available here",
-                    ),
-                )
-            ]
+            error = ItemError(
+                ErrorClass.ANALYZER_ERROR, f"analyzer {config.analyzer!r} is not available here"
+            )
+            return [self._result(task, "failed", error)]
+        if halted == "paused" and provider.paid:
+            # Nothing is spent on a paused batch (it may have reached its budget); free
+            # work already fetched finishes and is kept.
+            return [self._result(task, "requeued")]
+        try:
+            await self._record_columns(provider, config)
+            profile_key, model = provider.cache_key(config)
+        except ItemError as error:
+            return [self._result(task, "failed", error)]
+        key = ContentKey(task.facts.sha256, provider.name, profile_key, model)
+        if config.options.get("cache") is False:
+            CACHE_LOOKUPS.labels("bypass").inc()
+            return await self._analyze(task, provider, config, key)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            CACHE_LOOKUPS.labels("hit").inc()
+            return [self._succeeded(task, provider, _from_cache(cached, key), cache_hit=True)]
+        async with self.cache.claim(key) as shared:
+            if shared is not None:
+                return [self._succeeded(task, provider, _from_cache(shared, key), cache_hit=True)]
+            CACHE_LOOKUPS.labels("miss").inc()
+            return await self._analyze(task, provider, config, key)
+
+    async def _analyze(
+        self, task: messages.AnalyzeTask, provider: Provider, config: BatchConfig, key: ContentKey
+    ) -> Sequence[Out]:
         data: bytes | None = await self.res.redis.get(task.blob_key)  # type: ignore[assignment]
         if data is None:
             log.info("image expired before analysis; fetching again", extra={"item": task.item_id})
@@ -90,29 +163,17 @@ class Analyzer:
                     messages.FetchTask(batch_id=task.batch_id, item_id=task.item_id, url=task.url),
                 )
             ]
-        await self._record_columns(provider, config)
         try:
             with ANALYZE_SECONDS.labels(provider.name).time():
                 analysis = await provider.analyze(data, task.facts, config)
         except ItemError as error:
-            return [self._result(task, error)]
-        ITEM_OUTCOMES.labels("analyzer", "succeeded", "").inc()
-        return [
-            out(
-                self.res.keys.write,
-                messages.ItemResult(
-                    batch_id=task.batch_id,
-                    item_id=task.item_id,
-                    status="succeeded",
-                    stage="analyzer",
-                    facts=task.facts,
-                    analyzer=provider.name,
-                    model=analysis.model,
-                    analysis=analysis.fields,
-                    usage=analysis.usage,
-                ),
-            )
-        ]
+            return [self._result(task, "failed", error)]
+        except Halted as halted:
+            if halted.state == "paused":
+                return [self._result(task, "requeued")]
+            return [self._result(task, "cancelled", ItemError(ErrorClass.CANCELLED, str(halted)))]
+        await self.cache.put(key, analysis.fields, analysis.usage)
+        return [self._succeeded(task, provider, analysis, cache_hit=False)]
 
     async def _record_columns(self, provider: Provider, config: BatchConfig) -> None:
         """Tell the ledger which analysis fields this batch's exports will show."""
@@ -128,16 +189,23 @@ class Analyzer:
     def on_dead(self, task: messages.AnalyzeTask | None, reason: str) -> list[Out]:
         if task is None:
             return []
-        return [self._result(task, ItemError(ErrorClass.POISON, reason))]
+        return [self._result(task, "failed", ItemError(ErrorClass.POISON, reason))]
 
 
-def create_providers(settings: AnalyzerSettings) -> dict[str, Provider]:
-    local = LocalProvider(threads=settings.analyze_threads)
-    return {local.name: local}
+def _from_cache(fields: dict[str, object], key: ContentKey) -> Analysis:
+    # A cache hit costs nothing: zero tokens, zero dollars.
+    return Analysis(fields=dict(fields), usage=messages.Usage(), model=key.model or None)
+
+
+def create_providers(res: Resources, settings: AnalyzerSettings) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {"local": LocalProvider(threads=settings.analyze_threads)}
+    if settings.gemini_api_keys:
+        providers["gemini"] = GeminiProvider(res, settings)
+    return providers
 
 
 async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -> None:
-    providers = create_providers(settings)
+    providers = create_providers(res, settings)
     analyzer = Analyzer(res, settings, providers)
     worker: StreamWorker[messages.AnalyzeTask] = StreamWorker(
         res.redis,
@@ -149,10 +217,16 @@ async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -
         decode=messages.analyze_decoder.decode,
         handle=analyzer.handle,
         on_dead=analyzer.on_dead,
-        concurrency=settings.analyze_concurrency,
+        concurrency=settings.concurrency(),
+        progress=ItemProgress(res.pool),
+        advances={res.keys.write: "writing"},
     )
+    reporters = [asyncio.create_task(p.report(stop)) for p in providers.values()]
     try:
         await worker.run(stop)
     finally:
+        for reporter in reporters:
+            reporter.cancel()
+        await asyncio.gather(*reporters, return_exceptions=True)
         for provider in providers.values():
             await provider.close()

@@ -1,0 +1,370 @@
+"""Gemini analyzer throughput against quota, and tokens and cost per image.
+
+    uv run python bench/gemini.py [--images 6000] [--keys 3] [--rpm 600] [--latency-ms 1500]
+
+Starts the Gemini emulator (``imagestream dev gemini-server``) with ``--keys`` keys, each in
+its own project limited to ``--rpm`` requests per minute, answering after a lognormal
+latency of median ``--latency-ms`` (sigma 0.5); then an analyzer and a writer, each
+``imagestream serve`` in its own process, against the local Redis and a scratch PostgreSQL
+database. ``--images`` distinct small JPEGs go through the real analyzer path (analyze
+stream -> analyzer -> google-genai SDK -> emulator -> write stream -> writer -> ledger) with
+the ``describe`` profile on gemini-2.5-flash-lite; then 200 images each for the other
+profile and model pairs, for their tokens and cost.
+
+Prints, per key: the requests per minute achieved over the run (first to last request) as
+a fraction of its quota, next to the old system's 60 images/min per key; the share of
+requests answered 429; and per profile and model: tokens and cost per 1,000 images at
+standard (and Batch API) price, as the emulator bills them, and with the response schema's
+tokens added (Gemini counts the schema as input; the emulator does not). Goals: >= 0.95 of the quota per key, <= 1 % 429s, describe
+on gemini-2.5-flash-lite <= $0.10 per 1,000 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from _common import REDIS_URL, free_port, machine, scratch_database, table
+from PIL import Image
+
+from imagestream.common import db, ledger, messages, pricing, profiles, streams
+from imagestream.common.connections import redis_client
+from imagestream.common.inputs import Row
+from imagestream.common.keys import Keys
+
+OLD_SYSTEM_PER_KEY = 60  # images per minute per key (the seed README)
+SIDE_RUNS = [
+    ("describe", "gemini-2.5-flash"),
+    ("moderation", "gemini-2.5-flash-lite"),
+    ("moderation", "gemini-2.5-flash"),
+]
+
+
+def image(index: int, salt: int) -> bytes:
+    """A distinct 160x120 JPEG per index: a colour, and the index and salt as pixels."""
+    img = Image.new("RGB", (160, 120), (index * 7 % 256, index * 13 % 256, index * 29 % 256))
+    for bit in range(32):
+        img.putpixel((bit, 0), (255, 255, 255) if (salt >> bit) & 1 else (0, 0, 0))
+        img.putpixel((bit, 1), (255, 255, 255) if (index >> bit) & 1 else (0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+async def submit(
+    pool: asyncpg.Pool, redis: Any, keys: Keys, profile: str, model: str, count: int
+) -> uuid.UUID:
+    """A running batch of ``count`` images waiting in the analyze stream."""
+    batch_id = await ledger.create_batch(
+        pool,
+        ledger.NewBatch(
+            name=f"bench {profile} {model}",
+            pipeline=keys.prefix,
+            analyzer="gemini",
+            profile=profile,
+            model=model,
+        ),
+    )
+    rows = [Row(line=i, url=f"http://127.0.0.1/{i}.jpg", metadata=None) for i in range(count)]
+    async with pool.acquire() as conn:
+        await ledger.insert_items(conn, batch_id, rows)
+        await ledger.start_batch(conn, batch_id)
+        await ledger.finish_ingest(conn, batch_id, "txt", [])
+    ids = await pool.fetch(
+        "UPDATE items SET state = 'analyzing', dispatched_at = now() WHERE batch_id = $1"
+        " RETURNING id, line",
+        batch_id,
+    )
+    salt = secrets.randbits(32)
+    payloads = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for record in ids:
+            data = image(record["line"], salt)
+            sha = hashlib.sha256(data).hexdigest()
+            blob = keys.blob(sha, 768)
+            pipe.set(blob, data, ex=3600)
+            facts = messages.ImageFacts(
+                width=160, height=120, format="JPEG", mode="RGB", bytes=len(data), sha256=sha
+            )
+            task = messages.AnalyzeTask(
+                batch_id=str(batch_id),
+                item_id=record["id"],
+                url=f"http://127.0.0.1/{record['line']}.jpg",
+                facts=facts,
+                blob_key=blob,
+            )
+            payloads.append(messages.encode(task))
+        await pipe.execute()
+    for start in range(0, len(payloads), 1000):
+        await streams.append(redis, keys.analyze, payloads[start : start + 1000])
+    return batch_id
+
+
+async def wait_done(pool: asyncpg.Pool, batch_ids: list[uuid.UUID], label: str) -> float:
+    started = time.monotonic()
+    last_print = 0.0
+    while True:
+        rows = await pool.fetch(
+            "SELECT total, succeeded + failed + skipped + cancelled AS done, state"
+            " FROM batches WHERE id = ANY($1::uuid[])",
+            batch_ids,
+        )
+        total = sum(r["total"] for r in rows)
+        done = sum(r["done"] for r in rows)
+        now = time.monotonic()
+        if now - last_print >= 15:
+            rate = done / (now - started) * 60 if now > started else 0
+            print(f"  {label}: {done}/{total} after {now - started:.0f} s ({rate:.0f}/min)")
+            last_print = now
+        if all(r["state"] in ledger.FINISHED_BATCH_STATES for r in rows):
+            return now - started
+        await asyncio.sleep(1)
+
+
+async def emulator_log(base_url: str) -> list[dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{base_url}/_emulator/log") as response,
+    ):
+        return list((await response.json())["log"])
+
+
+@dataclass
+class Setup:
+    base_url: str
+    prefix: str
+    env: dict[str, str]
+
+
+def setup(args: argparse.Namespace, dsn: str, workdir: Path) -> Setup:
+    port = free_port()
+    key_names = [f"bench-key-{i + 1}" for i in range(args.keys)]
+    keys_file = workdir / "keys.json"
+    keys_file.write_text(
+        json.dumps(
+            {
+                "key_projects": {k: f"project-{i + 1}" for i, k in enumerate(key_names)},
+                "projects": {
+                    f"project-{i + 1}": {"rpm": args.rpm, "tpm": 4_000_000, "rpd": None}
+                    for i in range(args.keys)
+                },
+            }
+        )
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    prefix = f"bench{secrets.token_hex(3)}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "REDIS_"))},
+        "IMAGESTREAM_ENV_FILE": "/nonexistent",
+        "REDIS_URL": REDIS_URL,
+        "DATABASE_URL": dsn,
+        "REDIS_PREFIX": prefix,
+        "METRICS_PORT": "0",
+        "LOG_LEVEL": "WARNING",
+        "GEMINI_API_KEYS": ",".join(f"{k}@project-{i + 1}" for i, k in enumerate(key_names)),
+        "GEMINI_BASE_URL": base_url,
+        "GEMINI_RPM": str(args.rpm),
+        "GEMINI_TPM": "4000000",
+        "GEMINI_RPD": "0",
+        "GEMINI_QUOTA_WINDOW_S": str(args.window_s),
+        "EMULATOR_ARGS": " ".join(
+            [
+                "--port", str(port), "--keys-file", str(keys_file),
+                "--latency-median-ms", str(args.latency_ms), "--latency-sigma", "0.5",
+                "--window-seconds", str(args.window_s), "--seed", "7",
+            ]
+        ),
+    }  # fmt: skip
+    return Setup(base_url, prefix, env)
+
+
+@contextlib.contextmanager
+def processes(setup: Setup, workdir: Path) -> Iterator[None]:
+    """The emulator, an analyzer and a writer, each its own process."""
+    cli = [sys.executable, "-m", "imagestream.cli"]
+    commands = {
+        "emulator": [*cli, "dev", "gemini-server", *setup.env["EMULATOR_ARGS"].split()],
+        "analyzer": [*cli, "serve", "analyzer"],
+        "writer": [*cli, "serve", "writer"],
+    }
+    started = []
+    try:
+        for name, command in commands.items():
+            with (workdir / f"{name}.log").open("wb") as log:
+                started.append(
+                    subprocess.Popen(command, env=setup.env, stdout=subprocess.DEVNULL, stderr=log)
+                )
+        yield
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def drive(args: argparse.Namespace, setup: Setup, dsn: str) -> None:
+    redis = redis_client(REDIS_URL)
+    pool = await db.create_pool(dsn, max_size=4)
+    keys = Keys(setup.prefix)
+    try:
+        for _ in range(300):
+            try:
+                await emulator_log(setup.base_url)
+                break
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.1)
+        print(f"main run: {args.images} images, describe on gemini-2.5-flash-lite")
+        main_id = await submit(pool, redis, keys, "describe", "gemini-2.5-flash-lite", args.images)
+        elapsed = await wait_done(pool, [main_id], "describe/flash-lite")
+        main_log = await emulator_log(setup.base_url)
+        print(f"side runs: {args.side_images} images for each other profile and model")
+        side_ids = [await submit(pool, redis, keys, p, m, args.side_images) for p, m in SIDE_RUNS]
+        await wait_done(pool, side_ids, "side runs")
+        batches = await pool.fetch(
+            "SELECT id, profile, model, succeeded, failed, input_tokens, output_tokens, cost_usd"
+            " FROM batches WHERE id = ANY($1::uuid[]) ORDER BY created_at",
+            [main_id, *side_ids],
+        )
+        thoughts = {
+            r["batch_id"]: r["t"]
+            for r in await pool.fetch(
+                "SELECT batch_id, sum(thought_tokens) AS t FROM results GROUP BY batch_id"
+            )
+        }
+    finally:
+        async for key in redis.scan_iter(match=f"{setup.prefix}:*", count=1000):
+            await redis.delete(key)
+        await redis.aclose()
+        await pool.close()
+    report(args, elapsed, main_log, batches, thoughts)
+
+
+async def migrate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await db.migrate(conn)
+    finally:
+        await conn.close()
+
+
+def report(
+    args: argparse.Namespace,
+    elapsed: float,
+    log: list[dict[str, Any]],
+    batches: list[asyncpg.Record],
+    thoughts: dict[uuid.UUID, int],
+) -> None:
+    calls = [e for e in log if e["method"] == "generateContent"]
+    rows = []
+    for key in sorted({e["key"] for e in calls}):
+        ok = sorted(e["t"] for e in calls if e["key"] == key and e["status"] == 200)
+        refused = sum(e["key"] == key and e["status"] == 429 for e in calls)
+        span = ok[-1] - ok[0] if len(ok) > 1 else float("nan")
+        per_window = (len(ok) - 1) / span * args.window_s  # the quota's "minute"
+        per_minute = per_window * 60 / args.window_s
+        rows.append(
+            [key, len(ok), refused, f"{span:.1f}", f"{per_minute:.1f}",
+             f"{per_window / args.rpm:.3f}", f"{per_minute / OLD_SYSTEM_PER_KEY:.1f}x"]
+        )  # fmt: skip
+    refused_all = sum(e["status"] == 429 for e in calls)
+    print()
+    print(f"Machine: {machine()}")
+    print(
+        f"Emulator: {args.keys} keys (one project each) at {args.rpm} RPM, lognormal latency"
+        f" median {args.latency_ms:.0f} ms (sigma 0.5), quota window {args.window_s:g} s."
+        " Figures are preliminary: the machine is shared."
+    )
+    print()
+    print(
+        table(
+            [
+                "key",
+                "answered",
+                "429",
+                "span s",
+                "requests/min",
+                "of quota",
+                f"vs old {OLD_SYSTEM_PER_KEY}/min/key",
+            ],
+            rows,
+        )
+    )
+    print()
+    print(
+        f"{len(calls)} requests for {args.images} images in {elapsed:.0f} s;"
+        f" answered 429: {refused_all} ({100 * refused_all / max(1, len(calls)):.2f} %)"
+    )
+    print()
+    cost_rows = []
+    catalog = profiles.load_catalog()
+    for b in batches:
+        n = max(1, b["succeeded"])
+        per_k = 1000 / n
+        cost = float(b["cost_usd"]) * per_k
+        # Gemini counts the response schema as input; the emulator does not.
+        schema = catalog.profile(b["profile"]).schema_tokens
+        with_schema = cost + 1000 * schema * pricing.price_of(b["model"]).input / 1e6
+        cost_rows.append(
+            [b["profile"], b["model"], b["succeeded"], b["failed"],
+             f"{b['input_tokens'] * per_k:,.0f}", f"{b['output_tokens'] * per_k:,.0f}",
+             f"{(thoughts.get(b['id']) or 0) * per_k:,.0f}",
+             f"${cost:.4f}", f"${cost * pricing.BATCH_DISCOUNT:.4f}",
+             f"{schema * 1000:,}", f"${with_schema:.4f}"]
+        )  # fmt: skip
+    print(
+        table(
+            [
+                "profile",
+                "model",
+                "images",
+                "failed",
+                "input tok/1k",
+                "output tok/1k",
+                "thought tok/1k",
+                "cost/1k (standard)",
+                "cost/1k (Batch API)",
+                "+ schema tok/1k",
+                "cost/1k with schema",
+            ],
+            cost_rows,
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=6000)
+    parser.add_argument("--side-images", type=int, default=200)
+    parser.add_argument("--keys", type=int, default=3)
+    parser.add_argument("--rpm", type=int, default=600)
+    parser.add_argument("--latency-ms", type=float, default=1500)
+    parser.add_argument("--window-s", type=float, default=60)
+    args = parser.parse_args()
+    with scratch_database() as dsn, tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(migrate(dsn))
+        made = setup(args, dsn, Path(tmp))
+        with processes(made, Path(tmp)):
+            asyncio.run(drive(args, made, dsn))
+
+
+if __name__ == "__main__":
+    main()

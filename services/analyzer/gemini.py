@@ -1,0 +1,455 @@
+"""The ``gemini`` provider: one google-genai async client per key, our quota and retry policy.
+
+A call goes: profile and model of the batch -> input tokens by Google's rules -> the
+batch's budget reserves the call's worst case (or pauses the batch) -> a slot of this
+process's adaptive concurrency -> the shared quota admits it into a project (``limiter``)
+-> a key of that project -> ``client.aio.models.generate_content`` -> the answer read and
+validated (``gemini_reply``) -> its real cost replaces the reservation.
+
+Failures, each with its own rule (why this is a loop and not tenacity's single counter):
+
+* 429: the project and model are backed off for the server's ``RetryInfo.retryDelay``
+  (shared through Redis, so no replica sends there before it ends); the call goes back to
+  the quota gate, which uses another project meanwhile. After ``MAX_RATE_LIMITED`` 429s
+  for one call the item fails as ``rate_limited``.
+* 401/403, or 400 ``API_KEY_INVALID``: the key is quarantined and the call retried with
+  another; with no usable key left the batch is paused (``no_usable_gemini_key``).
+* 5xx, timeouts, connection errors: retried with exponential back-off and jitter up to
+  ``GEMINI_ATTEMPTS`` times, then the item fails as ``analyzer_error``; 503/504 and
+  timeouts also halve the concurrency for a while.
+* Other 4xx: the item fails at once (the request itself is wrong).
+
+The SDK's own retries are off: they would ignore the server's retry delay and our quota.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import math
+import random
+import time
+from functools import partial
+from typing import Any
+
+import aiohttp
+import orjson
+from google.genai import errors, types
+from PIL import Image
+from prometheus_client import Counter, Histogram
+
+from imagestream.common import pricing, profiles
+from imagestream.common.connections import Resources
+from imagestream.common.control import BatchConfig, HaltedBatches
+from imagestream.common.errors import ErrorClass, ItemError
+from imagestream.common.messages import ImageFacts, Usage
+from imagestream.common.runtime import supervise
+from imagestream.common.settings import StreamSettings
+
+from . import gemini_reply
+from .budget import BudgetReached, Budgets
+from .gemini_keys import KeyPool, KeySpec, parse_keys
+from .limiter import AdaptiveConcurrency, NeverFits, Project, QuotaGate, QuotaLimits
+from .providers import Analysis, Halted, PaidError, pause_batch
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter(
+    "imagestream_gemini_requests_total",
+    "Gemini generateContent calls by outcome (ok, rate_limited, key_rejected, server_error,"
+    " timeout, connection_error, rejected).",
+    ["outcome"],
+)
+REQUEST_SECONDS = Histogram(
+    "imagestream_gemini_request_duration_seconds",
+    "Time from sending a Gemini call to its answer.",
+    buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60, 120),
+)
+INPUT_TOKENS = Counter("imagestream_gemini_input_tokens_total", "Prompt tokens billed.")
+OUTPUT_TOKENS = Counter("imagestream_gemini_output_tokens_total", "Answer tokens billed.")
+THOUGHT_TOKENS = Counter("imagestream_gemini_thought_tokens_total", "Thinking tokens billed.")
+CACHED_TOKENS = Counter(
+    "imagestream_gemini_cached_tokens_total", "Prompt tokens served from Gemini's cache."
+)
+COST = Counter("imagestream_gemini_cost_usd_total", "What Gemini calls cost, at list prices.")
+BLOCKED = Counter("imagestream_gemini_blocked_total", "Answers Gemini refused (safety).")
+
+MAX_RATE_LIMITED = 20
+_SAFETY_CATEGORIES = (
+    types.HarmCategory.HARM_CATEGORY_HARASSMENT,
+    types.HarmCategory.HARM_CATEGORY_HATE_SPEECH,
+    types.HarmCategory.HARM_CATEGORY_SEXUALLY_EXPLICIT,
+    types.HarmCategory.HARM_CATEGORY_DANGEROUS_CONTENT,
+)
+_MEDIA = {
+    "low": types.MediaResolution.MEDIA_RESOLUTION_LOW,
+    "medium": types.MediaResolution.MEDIA_RESOLUTION_MEDIUM,
+    "high": types.MediaResolution.MEDIA_RESOLUTION_HIGH,
+}
+
+
+class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
+    """Settings of the Gemini provider (see docs/GEMINI.md)."""
+
+    #: API keys, comma-separated; KEY@PROJECT groups the keys of one Google Cloud project
+    #: (they share its quota). Empty: the gemini analyzer is not available.
+    gemini_api_keys: list[str] = []
+    #: PROJECT:rpm=N:tpm=N:rpd=N per project, comma-separated (0 = no limit).
+    gemini_project_limits: list[str] = []
+    #: Default quota of a project, per model: requests/minute, input tokens/minute, requests/day.
+    gemini_rpm: int = 1000
+    gemini_tpm: int = 1_000_000
+    gemini_rpd: int = 10_000
+    #: Another endpoint (the emulator, a proxy); unset = Google.
+    gemini_base_url: str | None = None
+    gemini_api_version: str = "v1beta"
+    gemini_timeout_s: float = 120.0
+    #: Tries of one call on 5xx/timeouts/connection errors, and the first back-off (s).
+    gemini_attempts: int = 4
+    gemini_backoff_s: float = 1.0
+    #: The quota window (Google's minute) and the margin added to it against clock drift
+    #: and network delay; tests shorten both.
+    gemini_quota_window_s: float = 60.0
+    gemini_quota_margin_s: float = 1.0
+    #: Catch-up a project may send at once after idling (seconds of its rate).
+    gemini_quota_burst_s: float = 1.0
+    #: How long a key answered with 401/403 stays out of use (seconds).
+    gemini_quarantine_s: float = 3600.0
+    #: Most Gemini calls one process keeps in flight (the adaptive limit stays below).
+    gemini_max_inflight: int = 256
+    #: A directory of extra analysis profiles (*.json), and a JSON file of model prices.
+    profiles_dir: str | None = None
+    gemini_prices_file: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.gemini_rpm, self.gemini_tpm, self.gemini_rpd) < 0:
+            raise ValueError("GEMINI_RPM, GEMINI_TPM and GEMINI_RPD must be >= 0")
+        if self.gemini_attempts < 1 or self.gemini_max_inflight < 1:
+            raise ValueError("GEMINI_ATTEMPTS and GEMINI_MAX_INFLIGHT must be >= 1")
+        if self.gemini_quota_window_s <= 0 or self.gemini_quota_margin_s < 0:
+            raise ValueError("GEMINI_QUOTA_WINDOW_S must be > 0, GEMINI_QUOTA_MARGIN_S >= 0")
+        self.key_specs()
+        try:
+            self.catalog()
+        except profiles.ProfileError as exc:
+            raise ValueError(str(exc)) from None
+
+    def default_limits(self) -> QuotaLimits:
+        return QuotaLimits(self.gemini_rpm, self.gemini_tpm, self.gemini_rpd)
+
+    def key_specs(self) -> tuple[list[KeySpec], dict[str, Project]]:
+        return parse_keys(self.gemini_api_keys, self.gemini_project_limits, self.default_limits())
+
+    def catalog(self) -> profiles.Catalog:
+        return profiles.cached_catalog(self.profiles_dir, self.gemini_prices_file)
+
+
+def _details(exc: errors.APIError) -> list[Any]:
+    """The google.rpc details of an error (the SDK's ``details`` is the whole JSON body)."""
+    body = exc.details if isinstance(exc.details, dict) else {}
+    error = body.get("error")
+    found = error.get("details") if isinstance(error, dict) else None
+    return [d for d in found if isinstance(d, dict)] if isinstance(found, list) else []
+
+
+def retry_delay(exc: errors.APIError) -> float | None:
+    """``RetryInfo.retryDelay`` (e.g. "13s") from the error body, in seconds."""
+    for detail in _details(exc):
+        if str(detail.get("@type", "")).endswith("RetryInfo"):
+            try:
+                return float(str(detail.get("retryDelay", "")).rstrip("s"))
+            except ValueError:
+                return None
+    return None
+
+
+def _rejects_key(exc: errors.APIError) -> bool:
+    if exc.code in (401, 403):
+        return True
+    return exc.code == 400 and any(d.get("reason") == "API_KEY_INVALID" for d in _details(exc))
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except (OSError, ValueError) as exc:
+        raise ItemError(ErrorClass.DECODE_ERROR, f"cannot read the image: {exc}") from None
+
+
+def thinking_budget(model: str, budget: int | None) -> int | None:
+    """What to send for the profile's budget: 2.5 Pro cannot go below 128, Gemini 3 has no
+    off switch (it keeps its default), models before 2.5 do not think."""
+    if budget is None:
+        return None
+    if pricing.model_generation(model) >= 3:
+        return budget if budget != 0 else None
+    if "2.5" not in model:
+        return None
+    return max(budget, 128) if model.startswith("gemini-2.5-pro") and budget >= 0 else budget
+
+
+class GeminiProvider:
+    name = "gemini"
+    paid = True
+
+    def __init__(self, res: Resources, settings: GeminiSettings) -> None:
+        self.res = res
+        self.settings = settings
+        self.catalog = settings.catalog()
+        specs, projects = settings.key_specs()
+        self.pool = KeyPool(
+            res.redis,
+            res.keys,
+            specs,
+            projects,
+            base_url=settings.gemini_base_url,
+            api_version=settings.gemini_api_version,
+            timeout_s=settings.gemini_timeout_s,
+            quarantine_s=settings.gemini_quarantine_s,
+        )
+        self.gate = QuotaGate(
+            res.redis,
+            res.keys,
+            window_s=settings.gemini_quota_window_s,
+            margin_s=settings.gemini_quota_margin_s,
+            burst_s=settings.gemini_quota_burst_s,
+        )
+        self.concurrency = AdaptiveConcurrency(
+            rate_per_s=self.quota_rpm(settings) / settings.gemini_quota_window_s,
+            ceiling=settings.gemini_max_inflight,
+        )
+        self.budgets = Budgets(res)
+        self.halted = HaltedBatches(res.redis, res.keys)
+        self._configs: dict[tuple[str, str], types.GenerateContentConfig] = {}
+        self._models_used: set[str] = set()
+
+    @staticmethod
+    def quota_rpm(settings: GeminiSettings) -> float:
+        """Requests per minute of all projects together (0: some project is unlimited)."""
+        _, projects = settings.key_specs()
+        rates = [p.limits.rpm for p in projects.values()]
+        return float(sum(rates)) if rates and all(rates) else 0.0
+
+    def _choice(self, config: BatchConfig) -> tuple[profiles.CompiledProfile, str]:
+        try:
+            return self.catalog.choose(config.profile, config.model)
+        except profiles.ProfileError as exc:
+            raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
+
+    def columns(self, config: BatchConfig) -> list[str]:
+        return self._choice(config)[0].columns
+
+    def cache_key(self, config: BatchConfig) -> tuple[str, str]:
+        compiled, model = self._choice(config)
+        return compiled.key, model
+
+    def _generation_config(
+        self, compiled: profiles.CompiledProfile, model: str
+    ) -> types.GenerateContentConfig:
+        found = self._configs.get((compiled.key, model))
+        if found is not None:
+            return found
+        profile = compiled.profile
+        budget = thinking_budget(model, profile.thinking_budget)
+        threshold = profile.safety_threshold
+        safety = None
+        if threshold:
+            level = types.HarmBlockThreshold(threshold)
+            safety = [types.SafetySetting(category=c, threshold=level) for c in _SAFETY_CATEGORIES]
+        made = types.GenerateContentConfig(
+            response_mime_type="application/json",
+            response_json_schema=compiled.request_schema,
+            max_output_tokens=profile.max_output_tokens,
+            temperature=profile.temperature,
+            media_resolution=_MEDIA.get(profile.media_resolution or ""),
+            thinking_config=None
+            if budget is None
+            else types.ThinkingConfig(thinking_budget=budget),
+            safety_settings=safety,
+        )
+        self._configs[(compiled.key, model)] = made
+        return made
+
+    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
+        compiled, model = self._choice(config)
+        profile = compiled.profile
+        tokens = profiles.input_tokens(compiled, model, *_image_size(data))
+        price = pricing.price_of(model, self.catalog.prices)
+        worst = pricing.cost_usd(
+            price,
+            input_tokens=math.ceil(tokens * 1.1) + 16,
+            output_tokens=profile.max_output_tokens,
+        )
+        try:
+            reservation = await self.budgets.reserve(config.id, worst)
+        except BudgetReached as exc:
+            await pause_batch(self.res, config.id, "budget_reached")
+            raise Halted("paused", str(exc)) from None
+        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        contents: list[Any] = [types.Part.from_bytes(data=data, mime_type=mime), profile.prompt]
+        usage = Usage()
+        try:
+            response = await self._call(
+                config, model, contents, self._generation_config(compiled, model), tokens
+            )
+            usage = gemini_reply.usage_of(response, price)
+        finally:
+            await self.budgets.settle(reservation, usage.cost_usd)
+        _count(usage)
+        try:
+            fields = gemini_reply.read(response, compiled)
+        except gemini_reply.InvalidOutput as exc:
+            raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
+        if fields.get("blocked"):
+            BLOCKED.inc()
+        return Analysis(fields=fields, usage=usage, model=model)
+
+    async def _call(
+        self,
+        config: BatchConfig,
+        model: str,
+        contents: list[Any],
+        generation: types.GenerateContentConfig,
+        tokens: int,
+    ) -> types.GenerateContentResponse:
+        failures = rate_limited = 0
+        while True:
+            await self.pool.refresh()
+            projects = self.pool.usable_projects()
+            if not projects:
+                await pause_batch(self.res, config.id, "no_usable_gemini_key")
+                raise Halted("paused", "every Gemini API key is quarantined")
+            async with self.concurrency.slot():
+                try:
+                    self._models_used.add(model)
+                    project = await self.gate.admit(
+                        model, projects, tokens, still_wanted=partial(self._still_wanted, config)
+                    )
+                except NeverFits as exc:
+                    raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
+                try:
+                    key = self.pool.key_for(project)
+                except LookupError:
+                    continue  # its last key was quarantined while we waited
+                started = time.monotonic()
+                try:
+                    response = await key.client.aio.models.generate_content(
+                        model=model, contents=contents, config=generation
+                    )
+                except errors.APIError as exc:
+                    if exc.code == 429:
+                        REQUESTS.labels("rate_limited").inc()
+                        rate_limited += 1
+                        if rate_limited > MAX_RATE_LIMITED:
+                            raise ItemError(
+                                ErrorClass.RATE_LIMITED,
+                                f"Gemini answered 429 {rate_limited} times for this image",
+                            ) from None
+                        delay = retry_delay(exc) or self.settings.gemini_backoff_s
+                        await self.gate.back_off(project.name, model, delay)
+                        log.info(
+                            "429 from project %s; backing off %.1f s",
+                            project.name,
+                            delay,
+                            extra={"project": project.name, "model": model},
+                        )
+                        continue
+                    if _rejects_key(exc):
+                        REQUESTS.labels("key_rejected").inc()
+                        await self.pool.quarantine(key, f"{exc.code} {exc.status}")
+                        continue
+                    if exc.code < 500 and exc.code != 408:
+                        REQUESTS.labels("rejected").inc()
+                        raise ItemError(
+                            ErrorClass.ANALYZER_ERROR,
+                            f"Gemini refused the request: {exc.code} {exc.status}: {exc.message}",
+                        ) from None
+                    REQUESTS.labels("server_error").inc()
+                    if exc.code in (503, 504):
+                        self.concurrency.overloaded()
+                    failure = f"{exc.code} {exc.status}: {exc.message}"
+                except TimeoutError:
+                    REQUESTS.labels("timeout").inc()
+                    self.concurrency.overloaded()
+                    failure = f"no answer within {self.settings.gemini_timeout_s:g} s"
+                except aiohttp.ClientError as exc:
+                    REQUESTS.labels("connection_error").inc()
+                    failure = f"connection failed: {exc}"
+                else:
+                    latency = time.monotonic() - started
+                    REQUEST_SECONDS.observe(latency)
+                    REQUESTS.labels("ok").inc()
+                    self.concurrency.observe(latency)
+                    return response
+            failures += 1
+            if failures >= self.settings.gemini_attempts:
+                raise ItemError(
+                    ErrorClass.ANALYZER_ERROR, f"Gemini failed {failures} times: {failure}"
+                )
+            backoff = min(30.0, self.settings.gemini_backoff_s * 2 ** (failures - 1))
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+
+    async def _still_wanted(self, config: BatchConfig) -> None:
+        """Calls waiting for quota when their batch is paused or cancelled are not sent."""
+        state = await self.halted.state(config.id)
+        if state is not None:
+            raise Halted(state, f"batch {state} while waiting for quota")
+
+    async def report(self, stop: asyncio.Event) -> None:
+        """Publish every key's state and its project's quota use for the dashboard."""
+        await supervise("gemini-status", self.publish_status, stop, 5.0)
+
+    async def publish_status(self) -> None:
+        """``{p}:gemini:status``: key short hash -> JSON (the api's system view reads it).
+
+        Quota is per (project, model): the figures shown are those of the model the
+        project used most in the current window (the default profile's model if none)."""
+        await self.pool.refresh()
+        models = self._models_used or {self.catalog.choose(None, None)[1]}
+        now = time.time()
+        statuses: dict[str, bytes] = {}
+        usage_of: dict[str, tuple[str, dict[str, int]]] = {}
+        for name in self.pool.projects:
+            uses = [(m, await self.gate.usage(name, m)) for m in sorted(models)]
+            usage_of[name] = max(uses, key=lambda pair: pair[1]["rpm"])
+        for key in self.pool.all_keys():
+            project = self.pool.projects[key.project]
+            model, used = usage_of[key.project]
+            if self.pool.is_quarantined(key):
+                state, reason = "quarantined", "the key was refused (401/403)"
+            elif used["backoff_ms"]:
+                state, reason = "cooling_down", "Google answered 429: waiting its retry delay"
+            else:
+                state, reason = "ok", ""
+            limits = project.limits
+            statuses[key.short] = orjson.dumps(
+                {
+                    "project": key.project,
+                    "model": model,
+                    "state": state,
+                    "reason": reason,
+                    "rpm": {"used": used["rpm"], "limit": limits.rpm},
+                    "tpm": {"used": used["tpm"], "limit": limits.tpm},
+                    "rpd": {"used": used["rpd"], "limit": limits.rpd},
+                    "retry_at": now + used["backoff_ms"] / 1000 if used["backoff_ms"] else None,
+                    "updated_at": now,
+                }
+            )
+        async with self.res.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.res.keys.gemini_status, mapping=statuses)  # type: ignore[arg-type]
+            pipe.expire(self.res.keys.gemini_status, 60)
+            await pipe.execute()
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+def _count(usage: Usage) -> None:
+    INPUT_TOKENS.inc(usage.input_tokens)
+    OUTPUT_TOKENS.inc(usage.output_tokens)
+    THOUGHT_TOKENS.inc(usage.thought_tokens)
+    CACHED_TOKENS.inc(usage.cached_tokens)
+    COST.inc(usage.cost_usd)
