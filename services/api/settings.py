@@ -1,0 +1,29 @@
+"""The api's settings (environment variables, see settings.py in common)."""
+
+from __future__ import annotations
+
+from imagestream.common.settings import CommonSettings
+
+from .batch_fields import ANALYZERS
+
+
+class ApiSettings(CommonSettings, kw_only=True, frozen=True):
+    api_host: str = "0.0.0.0"  # noqa: S104 - a service listens on all interfaces
+    api_port: int = 5001
+    #: Largest accepted upload (bytes); uploads stream, so this can be large.
+    max_upload_bytes: int = 2 * 1024**3
+    #: Turn token checks off (only for a trusted, local setup): every caller is an admin.
+    auth_disabled: bool = False
+    #: Analyzer of batches that do not name one.
+    analyzer: str = "local"
+    #: How often live progress (server-sent events) is refreshed (seconds).
+    live_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.analyzer not in ANALYZERS:
+            raise ValueError(f"ANALYZER must be one of {', '.join(ANALYZERS)}")
+        if self.max_upload_bytes < 1:
+            raise ValueError("MAX_UPLOAD_BYTES must be at least 1")
+        if not 0.05 <= self.live_interval_s <= 60:
+            raise ValueError("LIVE_INTERVAL_S must be between 0.05 and 60")

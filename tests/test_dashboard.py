@@ -1,0 +1,190 @@
+"""The dashboard in a real browser (Debian's Chromium, headless) against the api and the
+real pipeline: sign in with a token, upload a list through the file input, watch the batch
+over server-sent events while pausing and resuming it, reach 100%, export XLSX. Screenshots
+of the batch page at laptop and phone widths land in test-artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import openpyxl
+import pytest
+from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+
+from imagestream.devtools import corpus
+from imagestream.devtools.imageserver import ImageServer, Reply
+
+from .apiharness import Api, running_api
+from .helpers import wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+SAMPLES = corpus.mixed(8, sizes=((64, 48), (160, 120)), formats=("JPEG", "PNG"), seed=21)
+COPIES = 40  # slow images, two at a time: long enough to pause and resume
+
+
+@pytest.fixture(scope="module")
+async def images() -> AsyncIterator[ImageServer]:
+    routes = {f"slow/{s.name}": Reply(s.data, drip_s=0.03) for s in SAMPLES}
+    server = ImageServer(routes)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+async def api(redis_url: str, database_url: str, pool: asyncpg.Pool) -> AsyncIterator[Api]:
+    async with running_api(redis_url, database_url, pool, stages=True, FETCH_PER_HOST="2") as api:
+        yield api
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail("Chromium is missing: apt-get install chromium (scripts/test does)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        yield browser
+        await browser.close()
+
+
+async def signed_in(browser: Browser, api: Api, width: int = 1280) -> tuple[Page, list[str]]:
+    page = await browser.new_page(viewport={"width": width, "height": 900}, accept_downloads=True)
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+
+    def console(message: ConsoleMessage) -> None:
+        # A 401 before signing in is expected; any other error is a problem.
+        if message.type == "error" and "401" not in message.text:
+            problems.append(f"console: {message.text}")
+
+    page.on("console", console)
+    await page.goto(api.base + "/")
+    await page.wait_for_selector("#login:not([hidden])")
+    await page.fill("#token", api.admin)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_selector("#who:not([hidden])")
+    assert await page.text_content("#who-role") == "admin"
+    return page, problems
+
+
+async def test_upload_watch_pause_resume_export(
+    browser: Browser, api: Api, images: ImageServer, tmp_path: Path
+) -> None:
+    page, problems = await signed_in(browser, api)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    listing = tmp_path / "catalogue.csv"
+    rows = [f"{images.url(f'slow/{SAMPLES[i % 8].name}')}?n={i},SKU-{i}" for i in range(COPIES)]
+    listing.write_text("url,sku\n" + "\n".join(rows) + "\nnot a url,SKU-X\n")
+
+    await page.set_input_files("#file-input", str(listing))
+    assert await page.input_value("#batch-name") == "catalogue"
+    await page.fill("#batch-name", "Catalogue photos")
+    await page.click("#start-batch")
+    await page.wait_for_url(re.compile(r".*#/batches/[0-9a-f-]{36}$"))
+    batch_id = page.url.rsplit("/", 1)[1]
+    await page.wait_for_selector(".live.on")  # the event stream is connected
+
+    # Pause while it runs: the page learns the new state from the stream.
+    await page.wait_for_function("document.getElementById('t-succeeded').textContent !== '—'")
+    await page.click("button:has-text('Pause')")
+    await page.wait_for_selector(".badge.paused")
+    await page.wait_for_selector("button:has-text('Resume'):visible")
+    paused_at = await page.text_content("#pct")
+    assert paused_at != "100%"
+    async with api.session(api.viewer) as http, http.get(f"/api/v1/batches/{batch_id}") as r:
+        assert (await r.json())["state"] == "paused"
+    await page.click("button:has-text('Resume')")
+
+    # Progress climbs to 100% on the page, fed by the event stream alone.
+    seen: list[str] = []
+
+    async def complete() -> bool:
+        text = await page.text_content("#pct") or ""
+        if not seen or seen[-1] != text:
+            seen.append(text)
+        return text == "100%" and await page.is_visible(".badge.completed")
+
+    await wait_for(complete, timeout=120, interval=0.1)
+    await page.wait_for_selector(".live:has-text('finished')")
+    assert len(seen) >= 2 and seen[-1] == "100%"
+    assert any(url.endswith(f"/api/v1/batches/{batch_id}/events") for url in requests)
+    assert not any(url.endswith("/status") for url in requests)  # no polling
+    assert await page.text_content("#t-succeeded") == str(COPIES)
+    assert await page.text_content("#t-invalid") == "1"
+    assert await page.is_visible("text=Invalid input rows (1)")
+
+    await page.set_viewport_size({"width": 1280, "height": 900})
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=ARTIFACTS / "dashboard-batch-1280.png", full_page=True)
+
+    # Export to Excel through the menu: a one-time link, streamed to a file.
+    await page.click("#export-menu")
+    async with page.expect_download() as download_info:
+        await page.click("button[data-format=xlsx]")
+    download = await download_info.value
+    target = tmp_path / download.suggested_filename
+    await download.save_as(target)
+    assert target.suffix == ".xlsx"
+    sheet = openpyxl.load_workbook(io.BytesIO(target.read_bytes()))["results"]
+    assert sheet.max_row == COPIES + 1
+    assert {row[1] for row in sheet.iter_rows(min_row=2, values_only=True)} == {"succeeded"}
+
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.evaluate("document.getElementById('toasts').replaceChildren()")
+    await asyncio.sleep(0.3)
+    # Nothing sticks out sideways at phone width.
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    await page.screenshot(path=ARTIFACTS / "dashboard-batch-390.png", full_page=True)
+    assert not problems, problems
+    await page.close()
+
+
+async def test_list_system_and_admin_pages(browser: Browser, api: Api) -> None:
+    page, problems = await signed_in(browser, api)
+    await page.wait_for_selector("text=All batches")
+    await page.wait_for_selector("tbody tr[data-id]")
+    await page.screenshot(path=ARTIFACTS / "dashboard-batches-1280.png", full_page=True)
+    await page.click("[data-nav=system]")
+    await page.wait_for_selector("text=Services alive")
+    await page.wait_for_function("document.querySelectorAll('.badge.ok').length >= 2")
+    await page.screenshot(path=ARTIFACTS / "dashboard-system-1280.png", full_page=True)
+    await page.click("[data-nav=admin]")
+    await page.fill("#token-name", "reporting")
+    await page.click("button:has-text('Create token')")
+    secret = await page.text_content("#new-token", timeout=10_000)
+    assert secret and secret.startswith("ist_")
+    await page.screenshot(path=ARTIFACTS / "dashboard-admin-1280.png", full_page=True)
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.click("[data-nav=batches]")
+    await page.wait_for_selector("tbody tr[data-id]")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= 390
+    await page.screenshot(path=ARTIFACTS / "dashboard-batches-390.png", full_page=True)
+    assert not problems, problems
+    await page.close()
+
+
+async def test_a_viewer_sees_no_controls(browser: Browser, api: Api) -> None:
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.goto(api.base + "/")
+    await page.fill("#token", api.viewer)
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_selector("#who:not([hidden])")
+    assert await page.text_content("#who-role") == "viewer"
+    await page.wait_for_selector("text=viewer token")
+    assert await page.query_selector("#file-input") is None
+    await page.click("#logout")  # then a wrong token is refused with a message
+    await page.fill("#token", "ist_not-a-real-token")
+    await page.click("#login-form button[type=submit]")
+    await page.wait_for_selector("#login-error:has-text('invalid or revoked token')")
+    await page.close()
