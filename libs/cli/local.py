@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imagestream.common import export, ledger, tokens
+from imagestream.common import export, ledger, pricing, profiles, tokens
 from imagestream.common.connections import Resources
 from imagestream.common.inputs import InputError
 from imagestream.common.keys import Keys
@@ -67,8 +67,11 @@ class RunOptions:
     profile: str | None = None
     model: str | None = None
     budget_usd: float | None = None
+    long_side: int | None = None
     name: str | None = None
     progress: bool = True
+    #: False: analyze every image afresh instead of reusing cached analyses.
+    cache: bool = True
 
 
 @dataclass
@@ -84,9 +87,9 @@ def _check_output(path: Path | None) -> str | None:
         return None
     fmt = export.format_from_path(str(path))
     if fmt is None:
-        raise UsageError(f"cannot tell the export format of {path}: use .csv, .json or .jsonl")
-    if fmt == "xlsx":
-        raise UsageError("XLSX export is not available yet: use .csv, .json or .jsonl")
+        raise UsageError(
+            f"cannot tell the export format of {path}: use .csv, .json, .jsonl or .xlsx"
+        )
     if not path.parent.exists():
         raise UsageError(f"folder {path.parent} does not exist")
     return fmt
@@ -98,6 +101,20 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
     if not source.exists():
         raise UsageError(f"{source} does not exist")
     fmt = _check_output(options.output)
+    try:
+        choice = profiles.resolve_batch(
+            {
+                "analyzer": options.analyzer,
+                "profile": options.profile,
+                "model": options.model,
+                "budget_usd": options.budget_usd,
+                "cache": options.cache,
+                "long_side": options.long_side,
+            },
+            catalog=profiles.default_catalog(env),
+        )
+    except profiles.ProfileError as exc:
+        raise UsageError(str(exc)) from None
     is_folder = source.is_dir()
     configured = pipeline.load_all(env, pipeline.PIPELINE)
     common: CommonSettings = configured["ingest"]
@@ -118,16 +135,18 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
             ledger.NewBatch(
                 name=options.name or source.name,
                 pipeline=prefix,
-                analyzer=options.analyzer,
-                profile=options.profile,
-                model=options.model,
-                budget_usd=options.budget_usd,
+                analyzer=choice.analyzer,
+                profile=choice.profile,
+                model=choice.model,
+                budget_usd=choice.budget_usd,
                 source_name=None if is_folder else source.name,
-                options={"allow_file": True} if is_folder else {},
+                options={**choice.options, "allow_file": True} if is_folder else choice.options,
             ),
         )
         stopping = asyncio.Event()
-        services = asyncio.create_task(pipeline.run_stages(res, configured, stopping))
+        services = asyncio.create_task(
+            pipeline.run_stages(res, configured, stopping, observe=False)
+        )
         started = time.perf_counter()
         try:
             chunks = folder_list(source) if is_folder else file_chunks(source)
@@ -172,7 +191,8 @@ async def _wait(
             bar.n = done
             bar.set_postfix(failed=batch["failed"], refresh=False)
             bar.refresh()
-            if batch["state"] in ledger.FINISHED_BATCH_STATES:
+            # Paused by the analyzer (budget reached, no usable key): nobody resumes a local run.
+            if batch["state"] in ledger.FINISHED_BATCH_STATES or batch["state"] == "paused":
                 return batch
             if services.done():
                 services.result()
@@ -197,9 +217,7 @@ async def export_to_file(
     shape = export.layout(batch["metadata_columns"], batch["analysis_columns"])
     partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as handle:
-        async for piece in export.encode(
-            export.records(res.pool, batch_id, shape), shape.columns, fmt
-        ):
+        async for piece in export.stream(res.pool, batch_id, shape, fmt):
             await asyncio.to_thread(handle.write, piece)
     partial.replace(path)
 
@@ -220,6 +238,15 @@ def summary(report: RunReport) -> str:
         )
     if b["duplicates"] or b["invalid"]:
         lines.append(f"  duplicate URLs dropped: {b['duplicates']}, invalid rows: {b['invalid']}")
+    if b["analyzer"] == "gemini":
+        budget = b["budget_usd"]
+        of_budget = f" of a {pricing.format_usd(budget)} budget" if budget is not None else ""
+        lines.append(
+            f"  {b['model']}, profile {b['profile']}: {b['input_tokens']} input and"
+            f" {b['output_tokens']} output tokens, {pricing.format_usd(b['cost_usd'])}{of_budget}"
+        )
+    if b["state"] == "paused":
+        lines.append(f"  stopped: the batch was paused ({b['state_reason']})")
     if report.output is not None:
         lines.append(f"  results: {report.output}")
     return "\n".join(lines)
@@ -233,7 +260,8 @@ async def up(env: Mapping[str, str], stop: asyncio.Event) -> None:
     async with pipeline.connected(common) as res:
         if not configured["api"].auth_disabled:
             await res.pool.execute(
-                "UPDATE api_tokens SET revoked_at = now() WHERE name = 'imagestream up' AND revoked_at IS NULL"
+                "UPDATE api_tokens SET revoked_at = now()"
+                " WHERE name = 'imagestream up' AND revoked_at IS NULL"
             )
             _, secret = await tokens.create(res.pool, "imagestream up", "admin")
             print(f"admin token (shown once): {secret}", flush=True)

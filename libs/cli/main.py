@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine
@@ -15,7 +16,7 @@ from imagestream.common.connections import ConnectError
 from imagestream.common.logging import configure_logging
 from imagestream.common.runtime import run
 
-from . import local, pipeline
+from . import local, pipeline, remote
 
 log = logging.getLogger("imagestream")
 
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         type=Path,
-        help="results file; the format comes from the extension (.csv, .json, .jsonl)",
+        help="results file; the format comes from the extension (.csv, .json, .jsonl, .xlsx)",
     )
     p.add_argument("--analyzer", default=None, help="local (default) or gemini")
     p.add_argument("--profile", help="analysis profile (gemini)")
@@ -50,12 +51,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", help="batch name (default: the input's file name)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-cache", action="store_true", help="analyze every image afresh (no cached analyses)"
+    )
+    p.add_argument(
+        "--long-side", type=int, help="long side (px) of the image the analyzer sees (768)"
+    )
+
+    p = sub.add_parser(
+        "estimate", help="expected Gemini tokens, cost and duration of a list, before running it"
+    )
+    p.add_argument("input", type=Path, help="a CSV, TXT or JSONL list of URLs, or a folder")
+    p.add_argument("--profile", help="analysis profile (default: describe)")
+    p.add_argument("--model", help="model (default: the profile's)")
+    p.add_argument("--sample", type=int, default=20, help="images to fetch and count (20)")
+    p.add_argument("--offline", action="store_true", help="count by Google's rules, no API call")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("dev", help="development tools")
+    devsub = p.add_subparsers(dest="dev_command", required=True, metavar="TOOL")
+    d = devsub.add_parser(
+        "gemini-server",
+        help="a Gemini API emulator on 127.0.0.1 (for tests, benchmarks and demos)",
+        add_help=False,
+    )
+    d.add_argument("args", nargs=argparse.REMAINDER, help="its options (see its --help)")
 
     sub.add_parser("demo", help="analyze a few bundled sample images served on 127.0.0.1")
     sub.add_parser("up", help="run every service in this process (dashboard and API on :5001)")
 
     p = sub.add_parser("serve", help="run one service (what a container runs)")
     p.add_argument("stage", choices=sorted(pipeline.STAGES))
+
+    sub.add_parser(
+        "doctor", help="check Redis, PostgreSQL, migrations, Gemini keys and disk (exit 0: ready)"
+    )
 
     p = sub.add_parser("db", help="database administration")
     dbsub = p.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -69,11 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     tsub.add_parser("list", help="list tokens (never their secrets)")
     t = tsub.add_parser("revoke", help="revoke a token")
     t.add_argument("id", type=int)
+
+    remote.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "dev":
+        # The tool parses its own options (argparse's REMAINDER misses leading --options).
+        args.args = [*unknown, *args.args]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     env = settings.environment()
     try:
         common = settings.load(settings.CommonSettings, env)
@@ -121,10 +159,41 @@ def cmd_analyze(args: argparse.Namespace, env: dict[str, str]) -> int:
         budget_usd=args.budget_usd,
         name=args.name,
         progress=not args.no_progress,
+        cache=not args.no_cache,
+        long_side=args.long_side,
     )
     report = _run(lambda stop: local.analyze(env, options, stop))
     print(local.summary(report))
     return 0 if report.batch["state"] in ("completed", "completed_with_errors") else 1
+
+
+def cmd_estimate(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from . import estimate
+
+    if args.sample < 1:
+        raise local.UsageError("--sample must be at least 1")
+    report = _run(
+        lambda stop: estimate.estimate(
+            env,
+            args.input,
+            profile=args.profile,
+            model=args.model,
+            sample_size=args.sample,
+            offline=args.offline,
+        )
+    )
+    if args.json:
+        print(json.dumps(estimate.as_json(report), indent=2))
+    else:
+        print(estimate.render(report))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from imagestream.devtools import gemini_server
+
+    gemini_server.main(args.args)
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, env: dict[str, str]) -> int:
@@ -159,6 +228,12 @@ def cmd_db(args: argparse.Namespace, env: dict[str, str]) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, env: dict[str, str]) -> int:
+    from . import doctor
+
+    return doctor.doctor(env)
+
+
 def cmd_tokens(args: argparse.Namespace, env: dict[str, str]) -> int:
     common = settings.load(settings.CommonSettings, env)
 
@@ -184,9 +259,13 @@ def cmd_tokens(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, str]], int]] = {
     "analyze": cmd_analyze,
+    "estimate": cmd_estimate,
+    "dev": cmd_dev,
     "demo": cmd_demo,
     "up": cmd_up,
     "serve": cmd_serve,
     "db": cmd_db,
+    "doctor": cmd_doctor,
     "tokens": cmd_tokens,
+    **remote.COMMANDS,
 }
