@@ -67,6 +67,10 @@ async def demo(env: Mapping[str, str], stop: asyncio.Event) -> int:
         await runner.cleanup()
     print(_table(output))
     print(local.summary(report))
+    print(
+        "\nNext: `imagestream analyze your-list.csv -o results.xlsx` for your own images,"
+        " or `imagestream up` for the dashboard on http://127.0.0.1:5001/."
+    )
     return 0
 
 

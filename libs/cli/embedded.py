@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,9 +69,13 @@ def _start_redis(root: Path) -> tuple[str, Any]:
 
 
 def _start_postgres(root: Path) -> tuple[str, Any]:
-    from pgserver.postgres_server import get_server
+    with warnings.catch_warnings():
+        # pgserver keeps a lock file in the user's runtime dir; without XDG_RUNTIME_DIR
+        # (containers, CI) platformdirs warns and falls back to /tmp, which is fine.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+        from pgserver.postgres_server import get_server
 
-    server = get_server(root / "pgdata", cleanup_mode="stop")
+        server = get_server(root / "pgdata", cleanup_mode="stop")
     return server.get_uri(), server
 
 
