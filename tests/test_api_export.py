@@ -16,7 +16,7 @@ import pytest
 from imagestream.common import tokens
 from imagestream.devtools import ledgerfill
 
-from .helpers import wait_for
+from .helpers import wait_ready
 from .procs import Fleet, free_port, service_env
 
 ROWS = 200_000
@@ -43,15 +43,8 @@ async def served(
     service = fleet.start("api")
     base = f"http://127.0.0.1:{port}"
 
-    async def ready() -> bool:
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"{base}/readyz") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
     try:
-        await wait_for(ready, timeout=60)
+        await wait_ready(base)
         _, secret = await tokens.create(pool, "flat-memory", "viewer")
         yield Served(base, secret, service.process.pid)
     finally:

@@ -32,7 +32,7 @@ from imagestream.common import tokens
 from imagestream.common.connections import Resources, redis_client
 from imagestream.common.keys import Keys
 
-from .helpers import wait_for
+from .helpers import wait_ready
 from .procs import Fleet, free_port, service_env
 
 OPERATIONS_OUTSIDE_V1 = ("/healthz", "/readyz", "/metrics")
@@ -63,15 +63,8 @@ async def served(
     fleet.start("api")
     base = f"http://127.0.0.1:{port}"
 
-    async def ready() -> bool:
-        try:
-            async with aiohttp.ClientSession() as http, http.get(f"{base}/readyz") as r:
-                return r.status == 200
-        except aiohttp.ClientError:
-            return False
-
     try:
-        await wait_for(ready, timeout=60)
+        await wait_ready(base)
         token_id, secret = await tokens.create(pool, "schemathesis", "admin")
         yield Served(base, secret, token_id)
     finally:

@@ -27,7 +27,7 @@ from imagestream.common import tokens
 from imagestream.devtools import corpus
 from imagestream.devtools.imageserver import ImageServer, Reply
 
-from .helpers import wait_for
+from .helpers import wait_for, wait_ready
 from .procs import Fleet, free_port, service_env
 
 FORMATS = ("JPEG", "PNG", "GIF", "WEBP")
@@ -145,15 +145,7 @@ async def services_run(
     base = f"http://127.0.0.1:{api_port}"
     try:
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {secret}"}) as http:
-
-            async def api_up() -> bool:
-                try:
-                    async with http.get(f"{base}/readyz") as r:
-                        return r.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await wait_for(api_up, timeout=60)
+            await wait_ready(base)
             form = aiohttp.FormData()
             form.add_field("file", served.listing, filename="images.csv", content_type="text/csv")
             form.add_field("batch_name", "e2e")

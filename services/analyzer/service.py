@@ -24,6 +24,7 @@ from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
 from imagestream.common.progress import ItemProgress
+from imagestream.common.results import item_result
 from imagestream.common.worker import Out, StreamWorker, out
 
 from .cache import CACHE_LOOKUPS, AnalysisCache, ContentKey
@@ -78,20 +79,9 @@ class Analyzer:
         status: messages.ItemStatus,
         error: ItemError | None = None,
     ) -> Out:
-        ITEM_OUTCOMES.labels("analyzer", status, error.error_class if error else "").inc()
-        return out(
-            self.res.keys.write,
-            messages.ItemResult(
-                batch_id=task.batch_id,
-                item_id=task.item_id,
-                status=status,
-                stage="analyzer",
-                error_class=error.error_class.value if error else None,
-                error_message=error.message if error else None,
-                # Tokens spent on an item that then failed are still the batch's cost.
-                usage=error.usage if isinstance(error, PaidError) else None,
-            ),
-        )
+        # Tokens spent on an item that then failed are still the batch's cost.
+        usage = error.usage if isinstance(error, PaidError) else None
+        return item_result(self.res.keys, "analyzer", task, status, error, usage=usage)
 
     def _succeeded(
         self, task: messages.AnalyzeTask, provider: Provider, analysis: Analysis, cache_hit: bool

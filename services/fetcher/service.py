@@ -19,6 +19,7 @@ from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
 from imagestream.common.progress import ItemProgress
+from imagestream.common.results import item_result
 from imagestream.common.worker import Out, StreamWorker, out
 
 from .loader import ImageLoader
@@ -46,18 +47,7 @@ class Fetcher:
     def _result(
         self, task: messages.FetchTask, status: messages.ItemStatus, error: ItemError | None = None
     ) -> Out:
-        ITEM_OUTCOMES.labels("fetcher", status, error.error_class if error else "").inc()
-        return out(
-            self.res.keys.write,
-            messages.ItemResult(
-                batch_id=task.batch_id,
-                item_id=task.item_id,
-                status=status,
-                stage="fetcher",
-                error_class=error.error_class.value if error else None,
-                error_message=error.message if error else None,
-            ),
-        )
+        return item_result(self.res.keys, "fetcher", task, status, error)
 
     async def handle(self, task: messages.FetchTask) -> Sequence[Out]:
         halted = await self.halted.state(task.batch_id)

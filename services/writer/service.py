@@ -16,11 +16,12 @@ from prometheus_client import Counter
 
 from imagestream.common import ledger, messages
 from imagestream.common.connections import Resources
-from imagestream.common.errors import ErrorClass
+from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
+from imagestream.common.results import item_result
 from imagestream.common.settings import StreamSettings
-from imagestream.common.worker import Out, StreamWorker, out
+from imagestream.common.worker import Out, StreamWorker
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,8 @@ class Writer:
         # nothing that could be refused again); a failure that itself fails stops here.
         if result is None or result.error_class == ErrorClass.POISON:
             return []
-        return [
-            out(
-                self.res.keys.write,
-                messages.ItemResult(
-                    batch_id=result.batch_id,
-                    item_id=result.item_id,
-                    status="failed",
-                    stage="writer",
-                    error_class=ErrorClass.POISON.value,
-                    error_message=reason[:500],
-                ),
-            )
-        ]
+        error = ItemError(ErrorClass.POISON, reason[:500])
+        return [item_result(self.res.keys, "writer", result, "failed", error)]
 
 
 async def run(res: Resources, settings: WriterSettings, stop: asyncio.Event) -> None:

@@ -1,0 +1,101 @@
+"""The local command line: analyzing a folder of images, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from imagestream.devtools import corpus
+
+from .procs import free_port, service_env
+
+
+async def imagestream(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "imagestream.cli", *args,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=180)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_analyze_a_folder_of_images(
+    redis_url: str, database_url: str, prefix: str, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    (photos / "nested").mkdir(parents=True)
+    expected = {}
+    for i, (w, h, fmt) in enumerate([(320, 200, "JPEG"), (90, 160, "PNG"), (640, 480, "WEBP")]):
+        sample = corpus.sample("x", w, h, fmt, seed=i)
+        path = (photos if i else photos / "nested") / f"p{i}.{fmt.lower()}"
+        path.write_bytes(sample.data)
+        expected[path.resolve().as_uri()] = (w, h, fmt)
+    (photos / "notes.txt").write_text("not an image, and not listed")
+    broken = photos / "broken.jpg"
+    broken.write_bytes(b"<html>not really a jpeg</html>")
+    output = tmp_path / "out.jsonl"
+    code, out, err = await imagestream(
+        service_env(redis_url, database_url, prefix),
+        "analyze",
+        str(photos),
+        "-o",
+        str(output),
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert "4 images: 3 succeeded, 1 failed" in out, out
+    rows = {r["url"]: r for r in map(orjson.loads, output.read_text().splitlines())}
+    assert set(rows) == {*expected, broken.resolve().as_uri()}
+    for url, (w, h, fmt) in expected.items():
+        assert (
+            rows[url]["status"],
+            rows[url]["width"],
+            rows[url]["height"],
+            rows[url]["format"],
+        ) == (
+            "succeeded",
+            w,
+            h,
+            fmt,
+        )
+    assert rows[broken.resolve().as_uri()]["error_class"] == "not_an_image"
+
+
+@pytest.mark.parametrize(
+    ("args", "env_changes", "code", "message"),
+    [
+        (["analyze", "missing.csv", "-o", "x.csv"], {}, 2, "missing.csv does not exist"),
+        (["analyze", "{list}", "-o", "out.pdf"], {}, 2, "cannot tell the export format"),
+        (["analyze", "{list}", "-o", "x.csv"], {"MAX_DELIVERIES": "zero"}, 2, "invalid setting MAX_DELIVERIES"),
+        (["analyze", "{list}", "-o", "x.csv"], {"DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:{port}/x"}, 1, "cannot reach PostgreSQL"),
+        (["analyze", "{list}", "-o", "x.csv", "--analyzer", "magic"], {}, 2, "analyzer must be one of"),
+        (["analyze", "{list}", "-o", "x.csv", "--long-side", "5"], {}, 2, "long_side must be"),
+    ],
+)  # fmt: skip
+async def test_bad_input_gets_one_line_and_an_exit_status(
+    redis_url: str,
+    database_url: str,
+    prefix: str,
+    tmp_path: Path,
+    args: list[str],
+    env_changes: dict[str, str],
+    code: int,
+    message: str,
+) -> None:
+    listing = tmp_path / "list.csv"
+    listing.write_text("url\nhttp://127.0.0.1:9/a.jpg\n")
+    port = str(free_port())  # nothing listens there
+    env = service_env(redis_url, database_url, prefix)
+    env.update({k: v.replace("{port}", port) for k, v in env_changes.items()})
+    args = [a.replace("{list}", str(listing)) for a in args]
+    got, out, err = await imagestream(env, *args)
+    assert got == code, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("imagestream: ") and message in lines[0], err
+    assert "Traceback" not in err and "secret" not in err
