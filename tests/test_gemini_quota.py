@@ -92,10 +92,12 @@ async def seed(res: Resources) -> str:
 async def ok_requests(session: aiohttp.ClientSession, port: int) -> float:
     async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
         text = await response.text()
-    for line in text.splitlines():
-        if line.startswith('imagestream_gemini_requests_total{outcome="ok"}'):
-            return float(line.split()[-1])
-    return 0.0
+    # Summed over projects: the labels are project="...",outcome="ok".
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("imagestream_gemini_requests_total{") and 'outcome="ok"' in line
+    )
 
 
 async def test_two_analyzer_processes_share_one_keys_quota(

@@ -58,12 +58,13 @@ log = logging.getLogger(__name__)
 REQUESTS = Counter(
     "imagestream_gemini_requests_total",
     "Gemini generateContent calls by outcome (ok, rate_limited, key_rejected, server_error,"
-    " timeout, connection_error, rejected).",
-    ["outcome"],
+    " timeout, connection_error, rejected), per project (a quota holder, from the settings).",
+    ["project", "outcome"],
 )
 REQUEST_SECONDS = Histogram(
     "imagestream_gemini_request_duration_seconds",
-    "Time from sending a Gemini call to its answer.",
+    "Time from sending a Gemini call to its answer, per project.",
+    ["project"],
     buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60, 120),
 )
 INPUT_TOKENS = Counter("imagestream_gemini_input_tokens_total", "Prompt tokens billed.")
@@ -341,7 +342,7 @@ class GeminiProvider:
                     )
                 except errors.APIError as exc:
                     if exc.code == 429:
-                        REQUESTS.labels("rate_limited").inc()
+                        REQUESTS.labels(project.name, "rate_limited").inc()
                         rate_limited += 1
                         if rate_limited > MAX_RATE_LIMITED:
                             raise ItemError(
@@ -358,30 +359,30 @@ class GeminiProvider:
                         )
                         continue
                     if _rejects_key(exc):
-                        REQUESTS.labels("key_rejected").inc()
+                        REQUESTS.labels(project.name, "key_rejected").inc()
                         await self.pool.quarantine(key, f"{exc.code} {exc.status}")
                         continue
                     if exc.code < 500 and exc.code != 408:
-                        REQUESTS.labels("rejected").inc()
+                        REQUESTS.labels(project.name, "rejected").inc()
                         raise ItemError(
                             ErrorClass.ANALYZER_ERROR,
                             f"Gemini refused the request: {exc.code} {exc.status}: {exc.message}",
                         ) from None
-                    REQUESTS.labels("server_error").inc()
+                    REQUESTS.labels(project.name, "server_error").inc()
                     if exc.code in (503, 504):
                         self.concurrency.overloaded()
                     failure = f"{exc.code} {exc.status}: {exc.message}"
                 except TimeoutError:
-                    REQUESTS.labels("timeout").inc()
+                    REQUESTS.labels(project.name, "timeout").inc()
                     self.concurrency.overloaded()
                     failure = f"no answer within {self.settings.gemini_timeout_s:g} s"
                 except aiohttp.ClientError as exc:
-                    REQUESTS.labels("connection_error").inc()
+                    REQUESTS.labels(project.name, "connection_error").inc()
                     failure = f"connection failed: {exc}"
                 else:
                     latency = time.monotonic() - started
-                    REQUEST_SECONDS.observe(latency)
-                    REQUESTS.labels("ok").inc()
+                    REQUEST_SECONDS.labels(project.name).observe(latency)
+                    REQUESTS.labels(project.name, "ok").inc()
                     self.concurrency.observe(latency)
                     return response
             failures += 1

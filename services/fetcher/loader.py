@@ -64,7 +64,9 @@ class ImageLoader:
 
     async def close(self) -> None:
         await self.downloader.close()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        # Wait for the workers to exit here: left to the interpreter's exit hook, the
+        # pool's wake-up pipe can be closed under it, which prints a spurious traceback.
+        await asyncio.to_thread(self.pool.shutdown, wait=True, cancel_futures=True)
 
     async def load(self, url: str, long_side: int) -> image.Prepared:
         """The analysis image of ``url``, or ItemError saying why there is none."""
