@@ -238,6 +238,8 @@ async def test_streamed_upload_is_cut_off_at_the_limit(
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"colour": "red"}, 400, "bad_request"),
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"long_side": "8"}, 400, "bad_request"),
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"long_side": "big"}, 400, "bad_request"),
+        (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"mode": "batch"}, 400, "bad_request"),
+        (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "gemini", "mode": "cheap"}, 400, "bad_request"),
     ],
 )  # fmt: skip
 async def test_bad_uploads_say_why(
@@ -245,6 +247,17 @@ async def test_bad_uploads_say_why(
 ) -> None:
     got, body = await upload(api, data, filename=filename, **fields)
     assert_error(got, body, status, code)
+
+
+async def test_batch_mode_is_kept_and_shown(api: Api) -> None:
+    data = b"url\nhttp://127.0.0.1/a.jpg\n"
+    status, created = await upload(api, data, analyzer="gemini", mode="batch")
+    assert status == 201 and created["mode"] == "batch", created
+    status, standard = await upload(api, data)
+    assert status == 201 and standard["mode"] == "standard", standard
+    for batch in (created, standard):
+        status, _ = await post(api, f"/api/v1/batches/{batch['id']}/cancel")
+        assert status in (200, 409)  # 409: it finished first
 
 
 async def test_uploads_that_are_not_forms(api: Api) -> None:

@@ -68,6 +68,7 @@ class RunOptions:
     model: str | None = None
     budget_usd: float | None = None
     long_side: int | None = None
+    mode: str | None = None
     name: str | None = None
     progress: bool = True
     #: False: analyze every image afresh instead of reusing cached analyses.
@@ -110,6 +111,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
                 "budget_usd": options.budget_usd,
                 "cache": options.cache,
                 "long_side": options.long_side,
+                "mode": options.mode,
             },
             catalog=profiles.default_catalog(env),
         )

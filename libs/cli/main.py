@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--long-side", type=int, help="long side (px) of the image the analyzer sees (768)"
     )
+    p.add_argument(
+        "--mode",
+        choices=("standard", "batch"),
+        help="gemini: batch sends the images as Batch API jobs, half price, hours not seconds",
+    )
 
     p = sub.add_parser(
         "estimate", help="expected Gemini tokens, cost and duration of a list, before running it"
@@ -161,6 +166,7 @@ def cmd_analyze(args: argparse.Namespace, env: dict[str, str]) -> int:
         progress=not args.no_progress,
         cache=not args.no_cache,
         long_side=args.long_side,
+        mode=args.mode,
     )
     report = _run(lambda stop: local.analyze(env, options, stop))
     print(local.summary(report))

@@ -41,6 +41,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--profile", help="analysis profile (gemini)")
     p.add_argument("--model", help="model (gemini)")
     p.add_argument("--budget-usd", type=float, help="pause before the batch costs more")
+    p.add_argument(
+        "--mode", choices=("standard", "batch"), help="gemini: batch = Batch API, half price"
+    )
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     p = sub.add_parser("status", help="a batch's progress" + note)
     p.add_argument("id")
@@ -132,6 +135,7 @@ async def submit(client: Client, args: argparse.Namespace) -> int:
         "profile": args.profile,
         "model": args.model,
         "budget_usd": None if args.budget_usd is None else str(args.budget_usd),
+        "mode": args.mode,
     }
     async with client.session() as http:
         with path.open("rb") as handle:  # streamed from disk by aiohttp

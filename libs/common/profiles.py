@@ -360,6 +360,10 @@ def _flag(value: Any, name: str) -> bool:
     raise ProfileError(f"{name} must be true or false")
 
 
+#: How a batch's Gemini calls are sent: one by one at once (standard), or grouped into
+#: Gemini Batch API jobs at half the price, answered within hours (batch).
+MODES = ("standard", "batch")
+
 #: Bounds of a batch's ``long_side`` option (the analysis image's long side, in pixels).
 MIN_LONG_SIDE, MAX_LONG_SIDE = 32, 4096
 
@@ -367,9 +371,9 @@ MIN_LONG_SIDE, MAX_LONG_SIDE = 32, 4096
 def resolve_batch(
     fields: Mapping[str, Any], *, default_analyzer: str = "local", catalog: Catalog | None = None
 ) -> BatchChoice:
-    """Check a new batch's ``analyzer``, ``profile``, ``model``, ``budget_usd``, ``cache`` and
-    ``long_side`` fields (strings from a form, or values); raises ProfileError with a
-    one-line reason."""
+    """Check a new batch's ``analyzer``, ``profile``, ``model``, ``budget_usd``, ``cache``,
+    ``long_side`` and ``mode`` fields (strings from a form, or values); raises ProfileError
+    with a one-line reason."""
 
     def text(name: str) -> str | None:
         value = fields.get(name)
@@ -401,10 +405,17 @@ def resolve_batch(
                 f"long_side must be a whole number of pixels, {MIN_LONG_SIDE} to {MAX_LONG_SIDE}"
             )
         options["long_side"] = int(raw_side)
+    mode = text("mode") or "standard"
+    if mode not in MODES:
+        raise ProfileError(f"mode must be one of {', '.join(MODES)}")
+    if mode == "batch":
+        options["mode"] = "batch"
     profile, model = text("profile"), text("model")
     if analyzer != "gemini":
         if profile or model:
             raise ProfileError(f"the {analyzer} analyzer takes no profile or model")
+        if mode == "batch":
+            raise ProfileError("mode batch (the Gemini Batch API) needs analyzer gemini")
         return BatchChoice(analyzer, None, None, budget, options)
     chosen, model = (catalog or default_catalog()).choose(profile, model)
     return BatchChoice(analyzer, chosen.name, model, budget, options)

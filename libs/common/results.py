@@ -1,7 +1,9 @@
-"""Building a stage's ItemResult for the writer: the one place a non-success outcome is
-made (and counted)."""
+"""Building a stage's ItemResult for the writer: the one place an outcome is made (and
+counted)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from . import messages
 from .errors import ItemError
@@ -31,5 +33,34 @@ def item_result(
             error_class=error.error_class.value if error else None,
             error_message=error.message if error else None,
             usage=usage,
+        ),
+    )
+
+
+def analysis_result(
+    keys: Keys,
+    task: messages.AnalyzeTask,
+    *,
+    analyzer: str,
+    model: str | None,
+    analysis: dict[str, Any],
+    usage: messages.Usage | None,
+    cache_hit: bool = False,
+) -> Out:
+    """The item's analysis, bound for the write stream, counted as the analyzer's success."""
+    ITEM_OUTCOMES.labels("analyzer", "succeeded", "").inc()
+    return out(
+        keys.write,
+        messages.ItemResult(
+            batch_id=task.batch_id,
+            item_id=task.item_id,
+            status="succeeded",
+            stage="analyzer",
+            facts=task.facts,
+            analyzer=analyzer,
+            model=model,
+            analysis=analysis,
+            usage=usage,
+            cache_hit=cache_hit,
         ),
     )

@@ -30,6 +30,7 @@ import logging
 import math
 import random
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -48,7 +49,7 @@ from imagestream.common.runtime import supervise
 from imagestream.common.settings import StreamSettings
 
 from . import gemini_reply
-from .budget import BudgetReached, Budgets
+from .budget import BudgetReached, Budgets, Reservation
 from .gemini_keys import KeyPool, KeySpec, parse_keys
 from .limiter import AdaptiveConcurrency, NeverFits, Project, QuotaGate, QuotaLimits
 from .providers import Analysis, Halted, PaidError, pause_batch
@@ -119,6 +120,11 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
     gemini_quarantine_s: float = 3600.0
     #: Most Gemini calls one process keeps in flight (the adaptive limit stays below).
     gemini_max_inflight: int = 256
+    #: Batch-price mode (docs/GEMINI.md): most requests in one Batch API job, how long a
+    #: job waits for more after its first, and how often running jobs are polled (seconds).
+    gemini_batch_max_requests: int = 1000
+    gemini_batch_linger_s: float = 30.0
+    gemini_batch_poll_s: float = 30.0
     #: A directory of extra analysis profiles (*.json), and a JSON file of model prices.
     profiles_dir: str | None = None
     gemini_prices_file: str | None = None
@@ -129,6 +135,14 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
             raise ValueError("GEMINI_RPM, GEMINI_TPM and GEMINI_RPD must be >= 0")
         if self.gemini_attempts < 1 or self.gemini_max_inflight < 1:
             raise ValueError("GEMINI_ATTEMPTS and GEMINI_MAX_INFLIGHT must be >= 1")
+        if (
+            self.gemini_batch_max_requests < 1
+            or min(self.gemini_batch_linger_s, self.gemini_batch_poll_s) <= 0
+        ):
+            raise ValueError(
+                "GEMINI_BATCH_MAX_REQUESTS must be >= 1,"
+                " GEMINI_BATCH_LINGER_S and GEMINI_BATCH_POLL_S > 0"
+            )
         if self.gemini_quota_window_s <= 0 or self.gemini_quota_margin_s < 0:
             raise ValueError("GEMINI_QUOTA_WINDOW_S must be > 0, GEMINI_QUOTA_MARGIN_S >= 0")
         self.key_specs()
@@ -274,39 +288,39 @@ class GeminiProvider:
         self._configs[(compiled.key, model)] = made
         return made
 
-    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
+    def request(self, data: bytes, config: BatchConfig) -> Request:
+        """What to send Gemini for this image: the same for a call and a batch job's line."""
         compiled, model = self._choice(config)
-        profile = compiled.profile
-        tokens = profiles.input_tokens(compiled, model, *_image_size(data))
-        price = pricing.price_of(model, self.catalog.prices)
-        worst = pricing.cost_usd(
-            price,
-            input_tokens=math.ceil(tokens * 1.1) + 16,
-            output_tokens=profile.max_output_tokens,
+        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        return Request(
+            compiled=compiled,
+            model=model,
+            price=pricing.price_of(model, self.catalog.prices),
+            tokens=profiles.input_tokens(compiled, model, *_image_size(data)),
+            contents=[types.Part.from_bytes(data=data, mime_type=mime), compiled.profile.prompt],
+            generation=self._generation_config(compiled, model),
         )
+
+    async def reserve(self, config: BatchConfig, worst_usd: float) -> Reservation | None:
+        """Reserve a call's worst case in the batch's budget, or pause the batch (Halted)."""
         try:
-            reservation = await self.budgets.reserve(config.id, worst)
+            return await self.budgets.reserve(config.id, worst_usd)
         except BudgetReached as exc:
             await pause_batch(self.res, config.id, "budget_reached")
             raise Halted("paused", str(exc)) from None
-        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
-        contents: list[Any] = [types.Part.from_bytes(data=data, mime_type=mime), profile.prompt]
+
+    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
+        request = self.request(data, config)
+        reservation = await self.reserve(config, request.worst_usd("standard"))
         usage = Usage()
         try:
             response = await self._call(
-                config, model, contents, self._generation_config(compiled, model), tokens
+                config, request.model, request.contents, request.generation, request.tokens
             )
-            usage = gemini_reply.usage_of(response, price)
+            usage = gemini_reply.usage_of(response, request.price)
         finally:
             await self.budgets.settle(reservation, usage.cost_usd)
-        _count(usage)
-        try:
-            fields = gemini_reply.read(response, compiled)
-        except gemini_reply.InvalidOutput as exc:
-            raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
-        if fields.get("blocked"):
-            BLOCKED.inc()
-        return Analysis(fields=fields, usage=usage, model=model)
+        return analysis_of(response, request.compiled, request.model, usage)
 
     async def _call(
         self,
@@ -446,6 +460,42 @@ class GeminiProvider:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    compiled: profiles.CompiledProfile
+    model: str
+    price: pricing.Price
+    tokens: int  # input tokens by Google's rules
+    contents: list[Any]
+    generation: types.GenerateContentConfig
+
+    def worst_usd(self, mode: pricing.Mode) -> float:
+        """The most the call can cost: its input tokens plus a tenth, the whole output cap."""
+        return pricing.cost_usd(
+            self.price,
+            input_tokens=math.ceil(self.tokens * 1.1) + 16,
+            output_tokens=self.compiled.profile.max_output_tokens,
+            mode=mode,
+        )
+
+
+def analysis_of(
+    response: types.GenerateContentResponse,
+    compiled: profiles.CompiledProfile,
+    model: str,
+    usage: Usage,
+) -> Analysis:
+    """The answer read and validated; PaidError (its cost kept) when it is unusable."""
+    _count(usage)
+    try:
+        fields = gemini_reply.read(response, compiled)
+    except gemini_reply.InvalidOutput as exc:
+        raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
+    if fields.get("blocked"):
+        BLOCKED.inc()
+    return Analysis(fields=fields, usage=usage, model=model)
 
 
 def _count(usage: Usage) -> None:

@@ -113,7 +113,11 @@ def read(response: types.GenerateContentResponse, profile: CompiledProfile) -> d
     return parse(text, profile)
 
 
-def usage_of(response: types.GenerateContentResponse, price: pricing.Price) -> Usage:
+def usage_of(
+    response: types.GenerateContentResponse,
+    price: pricing.Price,
+    mode: pricing.Mode = "standard",
+) -> Usage:
     """Tokens from usageMetadata (Google omits zero counts) and what they cost."""
     meta = response.usage_metadata
     if meta is None:
@@ -123,7 +127,11 @@ def usage_of(response: types.GenerateContentResponse, price: pricing.Price) -> U
     thoughts = meta.thoughts_token_count or 0
     cached = meta.cached_content_token_count or 0
     cost = pricing.cost_usd(
-        price, input_tokens=prompt, output_tokens=output + thoughts, cached_tokens=cached
+        price,
+        input_tokens=prompt,
+        output_tokens=output + thoughts,
+        cached_tokens=cached,
+        mode=mode,
     )
     return Usage(
         input_tokens=prompt,

@@ -24,11 +24,12 @@ from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
 from imagestream.common.progress import ItemProgress
-from imagestream.common.results import item_result
+from imagestream.common.results import analysis_result, item_result
 from imagestream.common.worker import Out, StreamWorker, out
 
 from .cache import CACHE_LOOKUPS, AnalysisCache, ContentKey
 from .gemini import GeminiProvider, GeminiSettings
+from .gemini_batch import GeminiBatchJobs, is_batch_mode
 from .providers import Analysis, Halted, LocalProvider, PaidError, Provider
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class Analyzer:
         self.halted = HaltedBatches(res.redis, res.keys)
         self.cache = AnalysisCache(res)
         self.providers = providers
+        gemini = providers.get("gemini")
+        self.batch_jobs = (
+            GeminiBatchJobs(res, gemini) if isinstance(gemini, GeminiProvider) else None
+        )
         self._columns_recorded: set[str] = set()
 
     def _result(
@@ -86,21 +91,14 @@ class Analyzer:
     def _succeeded(
         self, task: messages.AnalyzeTask, provider: Provider, analysis: Analysis, cache_hit: bool
     ) -> Out:
-        ITEM_OUTCOMES.labels("analyzer", "succeeded", "").inc()
-        return out(
-            self.res.keys.write,
-            messages.ItemResult(
-                batch_id=task.batch_id,
-                item_id=task.item_id,
-                status="succeeded",
-                stage="analyzer",
-                facts=task.facts,
-                analyzer=provider.name,
-                model=analysis.model,
-                analysis=analysis.fields,
-                usage=analysis.usage,
-                cache_hit=cache_hit,
-            ),
+        return analysis_result(
+            self.res.keys,
+            task,
+            analyzer=provider.name,
+            model=analysis.model,
+            analysis=analysis.fields,
+            usage=analysis.usage,
+            cache_hit=cache_hit,
         )
 
     async def handle(self, task: messages.AnalyzeTask) -> Sequence[Out]:
@@ -134,6 +132,10 @@ class Analyzer:
         if cached is not None:
             CACHE_LOOKUPS.labels("hit").inc()
             return [self._succeeded(task, provider, _from_cache(cached, key), cache_hit=True)]
+        if is_batch_mode(config):
+            # A Batch API job answers within hours: no single-flight lease is held that long.
+            CACHE_LOOKUPS.labels("miss").inc()
+            return await self._analyze(task, provider, config, key)
         async with self.cache.claim(key) as shared:
             if shared is not None:
                 return [self._succeeded(task, provider, _from_cache(shared, key), cache_hit=True)]
@@ -154,6 +156,8 @@ class Analyzer:
                 )
             ]
         try:
+            if self.batch_jobs is not None and is_batch_mode(config):
+                return await self.batch_jobs.submit(task, data, config)
             with ANALYZE_SECONDS.labels(provider.name).time():
                 analysis = await provider.analyze(data, task.facts, config)
         except ItemError as error:
@@ -212,11 +216,15 @@ async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -
         advances={res.keys.write: "writing"},
     )
     reporters = [asyncio.create_task(p.report(stop)) for p in providers.values()]
+    if analyzer.batch_jobs is not None:
+        reporters.append(asyncio.create_task(analyzer.batch_jobs.run(stop)))
     try:
         await worker.run(stop)
     finally:
         for reporter in reporters:
             reporter.cancel()
         await asyncio.gather(*reporters, return_exceptions=True)
+        if analyzer.batch_jobs is not None:
+            await analyzer.batch_jobs.close()
         for provider in providers.values():
             await provider.close()

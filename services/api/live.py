@@ -71,6 +71,7 @@ def batch_json(row: asyncpg.Record) -> dict[str, Any]:
         "tokens": {"input": row["input_tokens"], "output": row["output_tokens"]},
         "cost_usd": float(row["cost_usd"]),
         "budget_usd": float(row["budget_usd"]) if row["budget_usd"] is not None else None,
+        "mode": (row["options"] or {}).get("mode", "standard"),
         "created_at": row["created_at"].isoformat(),
         "started_at": _iso(row["started_at"]),
         "finished_at": _iso(row["finished_at"]),

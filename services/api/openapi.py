@@ -95,6 +95,7 @@ SCHEMAS: dict[str, Schema] = {
             "tokens": obj({"input": COUNT, "output": COUNT}),
             "cost_usd": NUMBER,
             "budget_usd": nullable(NUMBER),
+            "mode": {"type": "string", "enum": ["standard", "batch"]},
             "created_at": TIME,
             "started_at": nullable(TIME),
             "finished_at": nullable(TIME),
@@ -159,6 +160,12 @@ SCHEMAS |= {
                 "type": "string",
                 "description": "Long side in pixels (32-4096) of the image handed to the"
                 " analyzer; default ANALYSIS_LONG_SIDE (768).",
+            },
+            "mode": {
+                "type": "string",
+                "enum": ["standard", "batch"],
+                "description": "gemini only. batch: the images go through the Gemini Batch"
+                " API at half the price, answered within hours instead of seconds.",
             },
         },
     },

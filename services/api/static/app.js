@@ -232,16 +232,19 @@ function uploadPanel() {
   const profile = h("input", { id: "profile", list: "profiles", placeholder: "describe", disabled: true });
   const model = h("input", { id: "model", placeholder: "gemini-2.5-flash-lite", disabled: true });
   const budget = h("input", { id: "budget", type: "number", min: "0.01", step: "0.01", placeholder: "no limit", disabled: true });
+  const mode = h("select", { id: "mode", disabled: true, title: "Batch API: half the price, answered within hours" },
+    h("option", { value: "standard", text: "Standard (now)" }), h("option", { value: "batch", text: "Batch API (½ price, hours)" }));
   const go = h("button", { class: "primary", type: "submit", disabled: true, id: "start-batch" }, "Start batch");
   const progress = h("div", { hidden: true }, bar([["accent", 0]]));
   const geminiFields = [
     h("label", { class: "field", hidden: true }, "Profile", profile),
     h("label", { class: "field", hidden: true }, "Model", model),
     h("label", { class: "field", hidden: true }, "Budget (USD)", budget),
+    h("label", { class: "field", hidden: true }, "Mode", mode),
   ];
   analyzer.addEventListener("change", () => {
     const gemini = analyzer.value === "gemini";
-    for (const el of [profile, model, budget]) el.disabled = !gemini;
+    for (const el of [profile, model, budget, mode]) el.disabled = !gemini;
     for (const el of geminiFields) el.hidden = !gemini;
   });
   const choose = (f) => {
@@ -276,6 +279,7 @@ function uploadPanel() {
       if (profile.value.trim()) data.append("profile", profile.value.trim());
       if (model.value.trim()) data.append("model", model.value.trim());
       if (budget.value) data.append("budget_usd", budget.value);
+      if (mode.value === "batch") data.append("mode", "batch");
     }
     // XMLHttpRequest: the one browser API that reports upload progress.
     const xhr = new XMLHttpRequest();

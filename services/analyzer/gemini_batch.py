@@ -1,0 +1,458 @@
+"""Batch-price mode: a batch with ``mode: batch`` goes through the Gemini Batch API, at half
+the standard price, answered within hours instead of seconds.
+
+Sending. An item of such a batch is added to the open group of its (batch, model, profile)
+as an inline request (the image, the prompt, the schema), with its worst case reserved in
+the batch's budget at the batch price. Its stream entry stays unacknowledged meanwhile. The
+group is sent (``client.aio.batches.create`` with the inline requests) when it holds
+``GEMINI_BATCH_MAX_REQUESTS`` items, when one more image would pass the 20 MB inline limit,
+or ``GEMINI_BATCH_LINGER_S`` after its first item, and the job is written to the ledger
+(``gemini_jobs``); only then are the entries acknowledged, with no output: their items stay
+``analyzing``, and the reconciler leaves items of a running job alone. A group is at most
+one process's ``ANALYZE_CONCURRENCY`` items, since each holds an entry until it is sent.
+
+Collecting. Every analyzer replica polls the running jobs of its pipeline every
+``GEMINI_BATCH_POLL_S`` (the row lock decides who collects a job). A finished job's answers
+are read and validated as a call's are (``gemini.analysis_of``): each item's result goes to
+the write stream and its analysis into the cache, the real cost replaces the reservation,
+and the job is marked collected, all inside the transaction that holds the job's row. A
+crash before the commit sends those results again, which the writer ignores (the item is
+already terminal). A job that failed or expired fails its remaining items
+(``analyzer_error``; ``replay`` sends them again); a batch cancelled meanwhile has its
+running jobs cancelled and their unanswered items cancelled.
+
+What is not covered: a crash between Google accepting a job and the ledger recording it
+leaves that job unrecorded; its entries are delivered again and sent in a new job, so those
+images are paid twice (their results are not doubled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+import msgspec
+from google.genai import errors, types
+from prometheus_client import Counter
+
+from imagestream.common import messages, pricing, streams
+from imagestream.common.connections import Resources
+from imagestream.common.control import BatchConfig, BatchConfigs, HaltedBatches
+from imagestream.common.errors import ErrorClass, ItemError
+from imagestream.common.results import analysis_result, item_result
+from imagestream.common.runtime import supervise
+from imagestream.common.worker import Out
+
+from . import gemini_reply
+from .budget import Reservation
+from .cache import AnalysisCache, ContentKey
+from .gemini import GeminiProvider, analysis_of, retry_delay
+from .gemini_keys import ApiKey
+from .providers import Halted, PaidError, pause_batch
+
+log = logging.getLogger(__name__)
+
+JOBS = Counter(
+    "imagestream_gemini_batch_jobs_total",
+    "Gemini Batch API jobs by event (submitted, succeeded, failed, expired, cancelled).",
+    ["event"],
+)
+#: Google's limit for a job's inline requests; base64 makes the images a third larger.
+MAX_INLINE_BYTES = 20 * 1024 * 1024
+_OVERHEAD_BYTES = 4096  # prompt, schema and settings of one request, generously
+_DONE = {
+    types.JobState.JOB_STATE_SUCCEEDED: "succeeded",
+    types.JobState.JOB_STATE_FAILED: "failed",
+    types.JobState.JOB_STATE_EXPIRED: "expired",
+    types.JobState.JOB_STATE_CANCELLED: "cancelled",
+}
+_tasks_codec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[messages.AnalyzeTask])
+
+
+def is_batch_mode(config: BatchConfig) -> bool:
+    return config.options.get("mode") == "batch"
+
+
+@dataclass
+class _Line:
+    task: messages.AnalyzeTask
+    request: types.InlinedRequest
+    size: int
+    reservation: Reservation | None
+    sent: asyncio.Future[Sequence[Out]]
+    taken: bool = False  # in a job being sent
+
+
+@dataclass
+class _Group:
+    config: BatchConfig
+    model: str
+    lines: list[_Line] = field(default_factory=list)
+    size: int = 0
+    closer: asyncio.TimerHandle | None = None
+
+
+class GeminiBatchJobs:
+    def __init__(self, res: Resources, provider: GeminiProvider) -> None:
+        self.res = res
+        self.provider = provider
+        self.settings = provider.settings
+        self.configs = BatchConfigs(res.pool)
+        self.halted = HaltedBatches(res.redis, res.keys)
+        self.cache = AnalysisCache(res)
+        self._groups: dict[tuple[str, str, str], _Group] = {}
+        self._sending: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ sending
+    async def submit(
+        self, task: messages.AnalyzeTask, data: bytes, config: BatchConfig
+    ) -> Sequence[Out]:
+        """Add the item to a job; returns when the job is sent (no output: the collector
+        makes the item's result) or the item's result if it could not be sent."""
+        request = self.provider.request(data, config)
+        reservation = await self.provider.reserve(config, request.worst_usd("batch"))
+        line = _Line(
+            task=task,
+            request=types.InlinedRequest(
+                contents=[
+                    types.Content(
+                        role="user",
+                        parts=[request.contents[0], types.Part(text=request.contents[1])],
+                    )
+                ],
+                config=request.generation,
+                metadata={"item": str(task.item_id)},
+            ),
+            size=len(data) * 4 // 3 + _OVERHEAD_BYTES,
+            reservation=reservation,
+            sent=asyncio.get_running_loop().create_future(),
+        )
+        key = (config.id, request.model, request.compiled.key)
+        group = self._groups.get(key)
+        if group is not None and group.size + line.size > MAX_INLINE_BYTES:
+            self._send_now(key)
+            group = None
+        if group is None:
+            group = self._groups[key] = _Group(config, request.model)
+            group.closer = asyncio.get_running_loop().call_later(
+                self.settings.gemini_batch_linger_s, self._send_now, key
+            )
+        group.lines.append(line)
+        group.size += line.size
+        if len(group.lines) >= self.settings.gemini_batch_max_requests:
+            self._send_now(key)
+        try:
+            return await asyncio.shield(line.sent)
+        except asyncio.CancelledError:
+            # Shutting down: an item not yet taken stays out of the job (its entry is
+            # delivered again) and frees its share of the budget.
+            if not line.taken:
+                line.sent.cancel()
+                await asyncio.shield(self.provider.budgets.settle(reservation, 0.0))
+            raise
+
+    def _send_now(self, key: tuple[str, str, str]) -> None:
+        group = self._groups.pop(key, None)
+        if group is None:
+            return
+        if group.closer is not None:
+            group.closer.cancel()
+        task = asyncio.create_task(self._send(group))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, group: _Group) -> None:
+        lines = [line for line in group.lines if not line.sent.cancelled()]
+        for line in lines:
+            line.taken = True
+        try:
+            if lines:
+                await self._send_lines(group, lines)
+        except BaseException as exc:
+            for line in lines:
+                if not line.sent.done():
+                    line.sent.set_exception(exc)  # the entries stay pending: sent again later
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("sending a Gemini batch job failed: %s", exc, exc_info=exc)
+
+    async def _send_lines(self, group: _Group, lines: list[_Line]) -> None:
+        config = group.config
+        halted = await self.halted.state(config.id)
+        if halted is not None:
+            await self._settle(lines, 0.0)
+            for line in lines:
+                _resolve(line, [self._halted_result(line.task, halted)])
+            return
+        try:
+            job, project = await self._create(group.model, [line.request for line in lines])
+        except ItemError as error:
+            await self._settle(lines, 0.0)
+            for line in lines:
+                _resolve(line, [item_result(self.res.keys, "analyzer", line.task, "failed", error)])
+            return
+        except Halted as halted_:
+            await pause_batch(self.res, config.id, "no_usable_gemini_key")
+            await self._settle(lines, 0.0)
+            for line in lines:
+                _resolve(line, [self._halted_result(line.task, halted_.state)])
+            return
+        tasks = [line.task for line in lines]
+        await self.res.pool.execute(
+            """
+            INSERT INTO gemini_jobs (name, batch_id, project, model, tasks, item_ids, reserved_nano)
+            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            """,
+            job.name,
+            uuid.UUID(config.id),
+            project,
+            group.model,
+            _tasks_codec[0].encode(tasks),
+            [t.item_id for t in tasks],
+            sum(line.reservation.amount for line in lines if line.reservation),
+        )
+        JOBS.labels("submitted").inc()
+        log.info(
+            "Gemini batch job sent",
+            extra={"batch": config.id, "job": job.name, "items": len(lines), "project": project},
+        )
+        for line in lines:
+            _resolve(line, [])
+
+    def _halted_result(self, task: messages.AnalyzeTask, state: str) -> Out:
+        if state == "paused":
+            return item_result(self.res.keys, "analyzer", task, "requeued")
+        error = ItemError(ErrorClass.CANCELLED, "batch cancelled")
+        return item_result(self.res.keys, "analyzer", task, "cancelled", error)
+
+    async def _settle(self, lines: Sequence[_Line], cost_usd: float) -> None:
+        for line in lines:
+            await self.provider.budgets.settle(line.reservation, cost_usd)
+
+    async def _create(
+        self, model: str, requests: list[types.InlinedRequest]
+    ) -> tuple[types.BatchJob, str]:
+        """Send the job with a usable key: 429 and 5xx are retried, a refused key is
+        quarantined and another used. Returns the job and the project that holds it."""
+        failures = 0
+        while True:
+            await self.provider.pool.refresh()
+            projects = self.provider.pool.usable_projects()
+            if not projects:
+                raise Halted("paused", "every Gemini API key is quarantined")
+            project = random.choice(projects)
+            key = self.provider.pool.key_for(project)
+            try:
+                job = await key.client.aio.batches.create(
+                    model=model,
+                    src=requests,
+                    config=types.CreateBatchJobConfig(display_name=f"imagestream {model}"),
+                )
+            except errors.APIError as exc:
+                if exc.code in (401, 403):
+                    await self.provider.pool.quarantine(key, f"{exc.code} {exc.status}")
+                    continue
+                if exc.code < 500 and exc.code not in (408, 429):
+                    raise ItemError(
+                        ErrorClass.ANALYZER_ERROR,
+                        f"Gemini refused the batch job: {exc.code} {exc.status}: {exc.message}",
+                    ) from None
+                failure = f"{exc.code} {exc.status}: {exc.message}"
+                delay = retry_delay(exc) if exc.code == 429 else None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                failure, delay = f"connection failed: {exc!r}", None
+            else:
+                if not job.name:
+                    raise ItemError(ErrorClass.ANALYZER_ERROR, "Gemini named no batch job")
+                return job, project.name
+            failures += 1
+            if failures >= self.settings.gemini_attempts:
+                raise ItemError(
+                    ErrorClass.ANALYZER_ERROR,
+                    f"sending the Gemini batch job failed {failures} times: {failure}",
+                )
+            backoff = delay or min(30.0, self.settings.gemini_backoff_s * 2 ** (failures - 1))
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+
+    @property
+    def waiting(self) -> int:
+        """Requests in groups not sent yet."""
+        return sum(len(group.lines) for group in self._groups.values())
+
+    def send_open_groups(self) -> None:
+        for key in list(self._groups):
+            self._send_now(key)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Collect ended jobs until ``stop``; then send the open groups at once, so that their
+        held entries are acknowledged within the shutdown grace instead of sent again."""
+        await supervise("gemini-batch-jobs", self.collect, stop, self.settings.gemini_batch_poll_s)
+        self.send_open_groups()
+
+    async def close(self) -> None:
+        self.send_open_groups()
+        await asyncio.gather(*self._sending, return_exceptions=True)
+
+    # ------------------------------------------------------------------ collecting
+    async def collect(self) -> int:
+        """Poll this pipeline's running jobs that are due; collect those that ended.
+        Returns how many jobs were collected."""
+        names = await self.res.pool.fetch(
+            """
+            UPDATE gemini_jobs SET polled_at = now()
+            WHERE name IN (
+                SELECT g.name FROM gemini_jobs g JOIN batches b ON b.id = g.batch_id
+                WHERE g.state = 'running' AND b.pipeline = $1
+                  AND g.polled_at <= now() - make_interval(secs => $2)
+                ORDER BY g.polled_at LIMIT 50 FOR UPDATE OF g SKIP LOCKED)
+            RETURNING name
+            """,
+            self.res.keys.prefix,
+            self.settings.gemini_batch_poll_s * 0.9,
+        )
+        collected = 0
+        for row in names:
+            try:
+                collected += await self._poll(row["name"])
+            except (errors.APIError, aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("polling Gemini batch job %s failed: %s", row["name"], exc)
+        return collected
+
+    async def _poll(self, name: str) -> int:
+        async with self.res.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM gemini_jobs WHERE name = $1 AND state = 'running'"
+                " FOR UPDATE SKIP LOCKED",
+                name,
+            )
+            if row is None:
+                return 0  # collected meanwhile, or another replica holds it
+            key = self._key_of(row["project"])
+            batch_id = str(row["batch_id"])
+            job: types.BatchJob | None = None
+            job_state: str | None = None
+            outcome: str | None = "failed"
+            if key is None:
+                reason = f"no usable key of project {row['project']} is left to collect the job"
+            else:
+                job = await key.client.aio.batches.get(name=name)
+                outcome = _DONE.get(job.state) if job.state else None
+                job_state = job.state.value if job.state else None
+                reason = f"the Gemini batch job ended {job_state}"
+                if outcome is None:
+                    if await self.halted.state(batch_id) == "cancelled":
+                        await key.client.aio.batches.cancel(name=name)
+                    await conn.execute(
+                        "UPDATE gemini_jobs SET job_state = $2 WHERE name = $1", name, job_state
+                    )
+                    return 0
+            tasks = _tasks_codec[1].decode(row["tasks"])
+            answers = _answers_by_item(job)
+            results, spent = await self._results(batch_id, row["model"], tasks, answers, reason)
+            await streams.append(self.res.redis, self.res.keys.write, [p for _, p in results])
+            await conn.execute(
+                "UPDATE gemini_jobs SET state = 'collected', job_state = $2, finished_at = now()"
+                " WHERE name = $1",
+                name,
+                job_state,
+            )
+        reserved = int(row["reserved_nano"])
+        if reserved:
+            await self.provider.budgets.settle(
+                Reservation(self.res.keys.budget(batch_id), reserved), spent
+            )
+        JOBS.labels(outcome).inc()
+        log.info(
+            "Gemini batch job collected",
+            extra={"batch": batch_id, "job": name, "outcome": outcome, "items": len(tasks)},
+        )
+        return 1
+
+    def _key_of(self, project: str) -> ApiKey | None:
+        for candidate in self.provider.pool.usable_projects():
+            if candidate.name == project:
+                return self.provider.pool.key_for(candidate)
+        return None
+
+    async def _results(
+        self,
+        batch_id: str,
+        model: str,
+        tasks: list[messages.AnalyzeTask],
+        answers: dict[int, types.InlinedResponse],
+        reason: str,
+    ) -> tuple[list[Out], float]:
+        """Each item's result, and what the job cost in all."""
+        config = await self.configs.get(batch_id)
+        if config is None:
+            return [], 0.0  # the batch was deleted
+        cancelled = await self.halted.state(batch_id) == "cancelled"
+        results: list[Out] = []
+        spent = 0.0
+        for task in tasks:
+            answer = answers.get(task.item_id)
+            try:
+                if answer is None:
+                    if cancelled:
+                        raise ItemError(ErrorClass.CANCELLED, "batch cancelled")
+                    raise ItemError(ErrorClass.ANALYZER_ERROR, reason)
+                if answer.error is not None or answer.response is None:
+                    code = answer.error.code if answer.error else None
+                    message = answer.error.message if answer.error else "no answer"
+                    raise ItemError(
+                        ErrorClass.ANALYZER_ERROR,
+                        f"Gemini failed this request of the batch job: {code} {message}",
+                    )
+                analysis, usage = self._read(answer.response, config, model)
+            except ItemError as error:
+                paid = error.usage if isinstance(error, PaidError) else None
+                spent += paid.cost_usd if paid else 0.0
+                status: messages.ItemStatus = (
+                    "cancelled" if error.error_class == ErrorClass.CANCELLED else "failed"
+                )
+                failed = item_result(self.res.keys, "analyzer", task, status, error, usage=paid)
+                results.append(failed)
+                continue
+            spent += usage.cost_usd
+            content = ContentKey(task.facts.sha256, "gemini", *self.provider.cache_key(config))
+            await self.cache.put(content, analysis, usage)
+            results.append(
+                analysis_result(
+                    self.res.keys,
+                    task,
+                    analyzer="gemini",
+                    model=model,
+                    analysis=analysis,
+                    usage=usage,
+                )
+            )
+        return results, spent
+
+    def _read(
+        self, response: types.GenerateContentResponse, config: BatchConfig, model: str
+    ) -> tuple[dict[str, object], messages.Usage]:
+        compiled, _ = self.provider.catalog.choose(config.profile, model)
+        price = pricing.price_of(model, self.provider.catalog.prices)
+        usage = gemini_reply.usage_of(response, price, "batch")
+        return analysis_of(response, compiled, model, usage).fields, usage
+
+
+def _resolve(line: _Line, outs: Sequence[Out]) -> None:
+    if not line.sent.done():  # not cancelled by a shutdown meanwhile
+        line.sent.set_result(outs)
+
+
+def _answers_by_item(job: types.BatchJob | None) -> dict[int, types.InlinedResponse]:
+    """The job's answers by item id (each request carried its item in its metadata)."""
+    found: dict[int, types.InlinedResponse] = {}
+    responses = job.dest.inlined_responses if job and job.dest else None
+    for answer in responses or []:
+        item = (answer.metadata or {}).get("item")
+        if item is not None and str(item).isdigit():
+            found[int(item)] = answer
+    return found
