@@ -72,7 +72,7 @@ async def make_batch(pool: asyncpg.Pool, pipeline: str) -> uuid.UUID:
                         ),
                         analyzer="local",
                         analysis=outcome,
-                        usage=messages.Usage(input_tokens=258, output_tokens=40, cost_usd=0.00012),
+                        usage=messages.Usage(input_tokens=258, output_tokens=40, thought_tokens=9, cost_usd=0.00012),
                     )
                 )  # fmt: skip
             else:
@@ -116,14 +116,15 @@ async def test_csv_flattens_and_neutralizes(pool: asyncpg.Pool, batch: uuid.UUID
     assert [r["url"] for r in rows] == [url for url, _, _ in ITEMS]
     a, b, c = rows
     assert list(a)[:9] == list(export.LEADING)
-    assert list(a)[-3:] == list(export.TRAILING)
+    assert list(a)[-len(export.TRAILING) :] == list(export.TRAILING)
     assert (a["sku"], a["note"]) == ("'=1+2", "-5")  # a plain number stays a number
     assert a["analysis.category"] == "'@SUM(A1)"
     assert a["analysis.nested.a.b"] == "'+x"  # a dotted column reaches into objects
     assert orjson.loads(a["analysis.tags"]) == ["cat", "=evil"]
     assert (a["analysis.score"], a["analysis.count"], a["analysis.flag"]) == ("0.75", "3", "true")
     assert (a["width"], a["height"], a["bytes"], a["sha256"]) == ("640", "480", "12345", "ab" * 32)
-    assert (a["input_tokens"], a["output_tokens"]) == ("258", "40")
+    assert (a["input_tokens"], a["output_tokens"], a["thought_tokens"]) == ("258", "40", "9")
+    assert (a["cache_hit"], b["cache_hit"]) == ("false", "")  # b failed: no result
     assert float(a["cost_usd"]) == pytest.approx(0.00012)
     assert (b["sku"], b["note"]) == ("'\tTAB", "'\rCR")
     assert b["status"] == "failed" and b["error_class"] == "not_found"
@@ -148,6 +149,7 @@ async def test_xlsx_keeps_types_and_neutralizes(pool: asyncpg.Pool, batch: uuid.
     assert a["analysis.score"].value == 0.75 and a["analysis.count"].value == 3
     assert a["analysis.flag"].value is True and a["analysis.flag"].data_type == "b"
     assert a["cost_usd"].value == pytest.approx(0.00012)
+    assert a["thought_tokens"].value == 9 and a["cache_hit"].value is False
     assert a["sku"].value == "'=1+2" and a["note"].value == "-5"
     assert a["analysis.category"].value == "'@SUM(A1)"
     assert orjson.loads(a["analysis.tags"].value) == ["cat", "=evil"]
@@ -316,7 +318,7 @@ async def test_xlsx_streams_before_the_last_row_is_read() -> None:
         for i in range(total):
             pulled += 1
             yield [f"https://img.example.com/{i}.jpg", "succeeded", None, None, i, i, "JPEG", i,
-                   "ab" * 32, f"note {i} " * 8, 0, 0, 0.0]  # fmt: skip
+                   "ab" * 32, f"note {i} " * 8, 0, 0, 0, 0.0, False]  # fmt: skip
 
     columns = [*export.LEADING, "note", *export.TRAILING]
     pieces = export._encode(rows(), columns, "xlsx")

@@ -3,7 +3,8 @@
 Columns, in order (stable, so scripts can rely on them):
 ``url, status, error_class, error_message, width, height, format, bytes, sha256``, then the
 input's extra columns (renamed ``input.<name>`` if they clash), then the analysis fields
-flattened as ``analysis.<field>``, then ``input_tokens, output_tokens, cost_usd``.
+flattened as ``analysis.<field>``, then ``input_tokens, output_tokens, thought_tokens,
+cost_usd, cache_hit`` (thinking tokens are billed as output; a cache hit cost nothing).
 
 * CSV is written by PostgreSQL itself (``COPY (query) TO STDOUT``): the query flattens,
   formats and neutralizes every cell, so a million rows stream at the speed of the
@@ -46,7 +47,7 @@ LEADING = (
     "url", "status", "error_class", "error_message",
     "width", "height", "format", "bytes", "sha256",
 )  # fmt: skip
-TRAILING = ("input_tokens", "output_tokens", "cost_usd")
+TRAILING = ("input_tokens", "output_tokens", "thought_tokens", "cost_usd", "cache_hit")
 ExportFormat = Literal["csv", "json", "jsonl", "xlsx"]
 FORMATS: tuple[ExportFormat, ...] = ("csv", "json", "jsonl", "xlsx")
 MEDIA_TYPES = {
@@ -197,7 +198,8 @@ def _query(batch_id: uuid.UUID, filters: Filters) -> tuple[str, list[Any]]:
     sql = f"""
         SELECT i.url, i.state, i.error_class, i.error_message, i.metadata,
                r.width, r.height, r.format, r.bytes, encode(r.sha256, 'hex') AS sha256,
-               r.analysis, r.input_tokens, r.output_tokens, r.cost_usd
+               r.analysis, r.input_tokens, r.output_tokens, r.thought_tokens, r.cost_usd,
+               r.cache_hit
         FROM items i LEFT JOIN results r ON r.item_id = i.id
         WHERE {where}
         ORDER BY i.line
@@ -241,7 +243,9 @@ async def records(
                 *(_field(analysis, key) for key, _ in shape.analysis),
                 rec["input_tokens"],
                 rec["output_tokens"],
+                rec["thought_tokens"],
                 float(cost) if isinstance(cost, Decimal) else cost,
+                rec["cache_hit"],
             ]
 
 
@@ -312,7 +316,8 @@ def _csv_query(batch_id: uuid.UUID, shape: Layout, filters: Filters) -> tuple[st
         "i.url", "i.state", "i.error_class", inert("i.error_message"),
         "r.width", "r.height", "r.format", "r.bytes", "encode(r.sha256, 'hex')",
         *cells,
-        "r.input_tokens", "r.output_tokens", "r.cost_usd::float8",
+        "r.input_tokens", "r.output_tokens", "r.thought_tokens", "r.cost_usd::float8",
+        "r.cache_hit::text",
     ]  # fmt: skip
     laterals = ""
     if nodes:
