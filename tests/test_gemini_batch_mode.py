@@ -77,7 +77,7 @@ async def collect_all(
 
 async def jobs_of(res: Resources, batch_id: str) -> list[dict[str, object]]:
     rows = await res.pool.fetch(
-        "SELECT name, state, job_state, item_ids FROM gemini_jobs WHERE batch_id = $1"
+        "SELECT name, project, state, job_state, item_ids FROM gemini_jobs WHERE batch_id = $1"
         " ORDER BY created_at",
         uuid.UUID(batch_id),
     )
@@ -149,6 +149,20 @@ async def test_another_replica_collects_a_job_its_sender_left(res: Resources) ->
         assert [r.status for r in results] == ["succeeded", "succeeded"]
 
 
+async def test_answers_already_paid_for_are_read_with_a_quarantined_key(
+    res: Resources,
+) -> None:
+    async with batch_rig(res) as rig:
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        await send(rig, items)
+        gemini = rig.analyzer.providers["gemini"]
+        assert isinstance(gemini, GeminiProvider)
+        for key in gemini.pool.all_keys():  # say every key was refused meanwhile
+            await gemini.pool.quarantine(key, "403 PERMISSION_DENIED")
+        results = await collect_all(rig.analyzer, res, 2)
+        assert [r.status for r in results] == ["succeeded", "succeeded"]
+
+
 async def test_jobs_are_split_at_the_request_limit(res: Resources) -> None:
     async with batch_rig(res, GEMINI_BATCH_MAX_REQUESTS="2") as rig:
         items = await rig.batch([rig.image(i) for i in range(5)], mode="batch")
@@ -177,6 +191,20 @@ async def test_failed_lines_fail_their_items_and_keep_their_cost(res: Resources)
         assert blocked.status == "succeeded" and blocked.analysis
         assert blocked.analysis["blocked"] is True
         assert fine.status == "succeeded" and fine.analysis and not fine.analysis["blocked"]
+
+
+async def test_a_job_google_no_longer_knows_fails_its_items(res: Resources) -> None:
+    async with batch_rig(res, pending_s=60, running_s=60) as rig:
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        await send(rig, items)
+        (job,) = await jobs_of(res, items[0].task.batch_id)
+        key = {"proj-a": "key-a", "proj-b": "key-b"}[str(job["project"])]
+        rig.emulator.delete_batch(key, str(job["name"]).removeprefix("batches/"))
+        results = await collect_all(rig.analyzer, res, 2)
+        assert [(r.status, r.error_class) for r in results] == [("failed", "analyzer_error")] * 2
+        assert all("no longer knows" in (r.error_message or "") for r in results)
+        (job,) = await jobs_of(res, items[0].task.batch_id)
+        assert job["state"] == "collected"
 
 
 async def test_cancelling_the_batch_cancels_its_running_job(res: Resources) -> None:

@@ -335,22 +335,26 @@ class GeminiBatchJobs:
             key = self._key_of(row["project"])
             batch_id = str(row["batch_id"])
             job: types.BatchJob | None = None
-            job_state: str | None = None
-            outcome: str | None = "failed"
             if key is None:
-                reason = f"no usable key of project {row['project']} is left to collect the job"
+                reason = f"no key of project {row['project']} is configured to collect the job"
             else:
-                job = await key.client.aio.batches.get(name=name)
-                outcome = _DONE.get(job.state) if job.state else None
-                job_state = job.state.value if job.state else None
+                try:
+                    job = await key.client.aio.batches.get(name=name)
+                except errors.ClientError as exc:
+                    if exc.code != 404:
+                        raise
+                    reason = "Google no longer knows the Gemini batch job (404)"
+            job_state = job.state.value if job and job.state else None
+            if job is not None and key is not None:
                 reason = f"the Gemini batch job ended {job_state}"
-                if outcome is None:
+                if job.state not in _DONE:
                     if await self.halted.state(batch_id) == "cancelled":
                         await key.client.aio.batches.cancel(name=name)
                     await conn.execute(
                         "UPDATE gemini_jobs SET job_state = $2 WHERE name = $1", name, job_state
                     )
                     return 0
+            outcome = _DONE.get(job.state, "failed") if job and job.state else "failed"
             tasks = _tasks_codec[1].decode(row["tasks"])
             answers = _answers_by_item(job)
             results, spent = await self._results(batch_id, row["model"], tasks, answers, reason)
@@ -374,10 +378,12 @@ class GeminiBatchJobs:
         return 1
 
     def _key_of(self, project: str) -> ApiKey | None:
-        for candidate in self.provider.pool.usable_projects():
-            if candidate.name == project:
-                return self.provider.pool.key_for(candidate)
-        return None
+        """A key of the job's project (the job is the project's): a usable one if there is
+        one, else a quarantined one, which may still read the answers already paid for."""
+        keys = [k for k in self.provider.pool.all_keys() if k.project == project]
+        usable = [k for k in keys if not self.provider.pool.is_quarantined(k)]
+        found = usable or keys
+        return found[0] if found else None
 
     async def _results(
         self,
