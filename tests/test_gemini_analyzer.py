@@ -363,7 +363,10 @@ async def test_invalid_json_fails_after_one_repair_and_its_cost_is_kept(rig: Rig
     items = await rig.batch([rig.image(1), rig.image(2)])
     cut, capped = [(await rig.run([item]))[0] for item in items]
     assert (cut.status, cut.error_class) == ("failed", "analyzer_invalid_output")
-    assert "not JSON, and not repairable" in (cut.error_message or "")
+    # Cut-off JSON: the local repair finds nothing to cut, or cuts to an inner object
+    # that is no answer either; then the item fails.
+    message = cut.error_message or ""
+    assert "not JSON, and not repairable" in message or "not JSON, even repaired" in message
     assert (capped.status, capped.error_class) == ("failed", "analyzer_invalid_output")
     assert "output cap of 400 tokens" in (capped.error_message or "")
     assert len(rig.sent()) == 2  # the repair was local: no second call
