@@ -196,6 +196,8 @@ def metric(name: str, **labels: str) -> float:
 # ------------------------------------------------------------------------------ structured output
 async def test_structured_output_parsed_validated_and_stored(rig: Rig) -> None:
     items = await rig.batch([rig.image(i) for i in range(3)])
+    projects = ("proj-a", "proj-b")
+    before = [metric("imagestream_gemini_cost_usd_total", project=p) for p in projects]
     results = await rig.run(items)
     price = pricing.price_of(MODEL)
     for result in results:
@@ -227,6 +229,11 @@ async def test_structured_output_parsed_validated_and_stored(rig: Rig) -> None:
     assert batch["succeeded"] == 3
     spent = sum(r.usage.cost_usd for r in results if r.usage)
     assert float(batch["cost_usd"]) == pytest.approx(spent, abs=1e-8)
+    # The cost metric names the project whose key was billed.
+    after = [metric("imagestream_gemini_cost_usd_total", project=p) for p in projects]
+    assert sum(after) - sum(before) == pytest.approx(spent)
+    billed_projects = {p for p, a, b in zip(projects, after, before, strict=True) if a > b}
+    assert billed_projects == {str(e["project"]) for e in rig.sent()}
     rows = await rig.res.pool.fetch(
         "SELECT analysis, input_tokens, output_tokens, cost_usd, cache_hit FROM results"
         " WHERE batch_id = $1",

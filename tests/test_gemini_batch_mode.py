@@ -34,6 +34,7 @@ from .test_gemini_analyzer import (
     analyzer_settings,
     emulator_config,
     make_rig,
+    metric,
 )
 
 pytestmark = pytest.mark.filterwarnings(
@@ -88,7 +89,13 @@ def methods(rig: Rig) -> list[str]:
     return [str(e["method"]) for e in rig.emulator.request_log()]
 
 
+def billed_usd() -> float:
+    """The cost counter, summed over the rigs' two projects."""
+    return sum(metric("imagestream_gemini_cost_usd_total", project=p) for p in ("proj-a", "proj-b"))
+
+
 async def test_items_go_through_one_job_at_half_price(res: Resources) -> None:
+    before = billed_usd()
     async with batch_rig(res) as rig:
         items = await rig.batch([rig.image(i) for i in range(3)], mode="batch")
         batch_id = items[0].task.batch_id
@@ -124,6 +131,7 @@ async def test_items_go_through_one_job_at_half_price(res: Resources) -> None:
         assert batch["succeeded"] == 3
         spent = sum(r.usage.cost_usd for r in results if r.usage)
         assert float(batch["cost_usd"]) == pytest.approx(spent, abs=1e-8)
+        assert billed_usd() - before == pytest.approx(spent)  # counted once, by project
         # Collected once: polling again sends nothing more.
         assert rig.analyzer.batch_jobs and await rig.analyzer.batch_jobs.collect() == 0
         # The answers are in the cache: the same images in a standard batch cost nothing.

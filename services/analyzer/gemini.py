@@ -68,13 +68,26 @@ REQUEST_SECONDS = Histogram(
     ["project"],
     buckets=(0.1, 0.25, 0.5, 1, 1.5, 2, 3, 5, 8, 13, 21, 34, 60, 120),
 )
-INPUT_TOKENS = Counter("imagestream_gemini_input_tokens_total", "Prompt tokens billed.")
-OUTPUT_TOKENS = Counter("imagestream_gemini_output_tokens_total", "Answer tokens billed.")
-THOUGHT_TOKENS = Counter("imagestream_gemini_thought_tokens_total", "Thinking tokens billed.")
-CACHED_TOKENS = Counter(
-    "imagestream_gemini_cached_tokens_total", "Prompt tokens served from Gemini's cache."
+# Billed per project: each Google Cloud project gets its own bill.
+INPUT_TOKENS = Counter(
+    "imagestream_gemini_input_tokens_total", "Prompt tokens billed, per project.", ["project"]
 )
-COST = Counter("imagestream_gemini_cost_usd_total", "What Gemini calls cost, at list prices.")
+OUTPUT_TOKENS = Counter(
+    "imagestream_gemini_output_tokens_total", "Answer tokens billed, per project.", ["project"]
+)
+THOUGHT_TOKENS = Counter(
+    "imagestream_gemini_thought_tokens_total", "Thinking tokens billed, per project.", ["project"]
+)
+CACHED_TOKENS = Counter(
+    "imagestream_gemini_cached_tokens_total",
+    "Prompt tokens served from Gemini's cache, per project.",
+    ["project"],
+)
+COST = Counter(
+    "imagestream_gemini_cost_usd_total",
+    "What Gemini calls cost at list prices (Batch API: half), per project.",
+    ["project"],
+)
 BLOCKED = Counter("imagestream_gemini_blocked_total", "Answers Gemini refused (safety).")
 
 MAX_RATE_LIMITED = 20
@@ -314,12 +327,13 @@ class GeminiProvider:
         reservation = await self.reserve(config, request.worst_usd("standard"))
         usage = Usage()
         try:
-            response = await self._call(
+            response, project = await self._call(
                 config, request.model, request.contents, request.generation, request.tokens
             )
             usage = gemini_reply.usage_of(response, request.price)
         finally:
             await self.budgets.settle(reservation, usage.cost_usd)
+        count_usage(usage, project)
         return analysis_of(response, request.compiled, request.model, usage)
 
     async def _call(
@@ -329,7 +343,8 @@ class GeminiProvider:
         contents: list[Any],
         generation: types.GenerateContentConfig,
         tokens: int,
-    ) -> types.GenerateContentResponse:
+    ) -> tuple[types.GenerateContentResponse, str]:
+        """The answer, and the project whose key got it."""
         failures = rate_limited = 0
         while True:
             await self.pool.refresh()
@@ -398,7 +413,7 @@ class GeminiProvider:
                     REQUEST_SECONDS.labels(project.name).observe(latency)
                     REQUESTS.labels(project.name, "ok").inc()
                     self.concurrency.observe(latency)
-                    return response
+                    return response, project.name
             failures += 1
             if failures >= self.settings.gemini_attempts:
                 raise ItemError(
@@ -488,7 +503,6 @@ def analysis_of(
     usage: Usage,
 ) -> Analysis:
     """The answer read and validated; PaidError (its cost kept) when it is unusable."""
-    _count(usage)
     try:
         fields = gemini_reply.read(response, compiled)
     except gemini_reply.InvalidOutput as exc:
@@ -498,9 +512,9 @@ def analysis_of(
     return Analysis(fields=fields, usage=usage, model=model)
 
 
-def _count(usage: Usage) -> None:
-    INPUT_TOKENS.inc(usage.input_tokens)
-    OUTPUT_TOKENS.inc(usage.output_tokens)
-    THOUGHT_TOKENS.inc(usage.thought_tokens)
-    CACHED_TOKENS.inc(usage.cached_tokens)
-    COST.inc(usage.cost_usd)
+def count_usage(usage: Usage, project: str) -> None:
+    INPUT_TOKENS.labels(project).inc(usage.input_tokens)
+    OUTPUT_TOKENS.labels(project).inc(usage.output_tokens)
+    THOUGHT_TOKENS.labels(project).inc(usage.thought_tokens)
+    CACHED_TOKENS.labels(project).inc(usage.cached_tokens)
+    COST.labels(project).inc(usage.cost_usd)

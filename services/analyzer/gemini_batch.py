@@ -51,7 +51,7 @@ from imagestream.common.worker import Out
 from . import gemini_reply
 from .budget import Reservation
 from .cache import AnalysisCache, ContentKey
-from .gemini import GeminiProvider, analysis_of, retry_delay
+from .gemini import GeminiProvider, analysis_of, count_usage, retry_delay
 from .gemini_keys import ApiKey
 from .providers import Halted, PaidError, pause_batch
 
@@ -357,7 +357,7 @@ class GeminiBatchJobs:
             outcome = _DONE.get(job.state, "failed") if job and job.state else "failed"
             tasks = _tasks_codec[1].decode(row["tasks"])
             answers = _answers_by_item(job)
-            results, spent = await self._results(batch_id, row["model"], tasks, answers, reason)
+            results, billed = await self._results(batch_id, row["model"], tasks, answers, reason)
             await streams.append(self.res.redis, self.res.keys.write, [p for _, p in results])
             await conn.execute(
                 "UPDATE gemini_jobs SET state = 'collected', job_state = $2, finished_at = now()"
@@ -365,10 +365,11 @@ class GeminiBatchJobs:
                 name,
                 job_state,
             )
+        count_usage(billed, row["project"])
         reserved = int(row["reserved_nano"])
         if reserved:
             await self.provider.budgets.settle(
-                Reservation(self.res.keys.budget(batch_id), reserved), spent
+                Reservation(self.res.keys.budget(batch_id), reserved), billed.cost_usd
             )
         JOBS.labels(outcome).inc()
         log.info(
@@ -392,14 +393,14 @@ class GeminiBatchJobs:
         tasks: list[messages.AnalyzeTask],
         answers: dict[int, types.InlinedResponse],
         reason: str,
-    ) -> tuple[list[Out], float]:
-        """Each item's result, and what the job cost in all."""
+    ) -> tuple[list[Out], messages.Usage]:
+        """Each item's result, and what the job billed in all."""
+        billed = messages.Usage()
         config = await self.configs.get(batch_id)
         if config is None:
-            return [], 0.0  # the batch was deleted
+            return [], billed  # the batch was deleted
         cancelled = await self.halted.state(batch_id) == "cancelled"
         results: list[Out] = []
-        spent = 0.0
         for task in tasks:
             answer = answers.get(task.item_id)
             try:
@@ -417,14 +418,14 @@ class GeminiBatchJobs:
                 analysis, usage = self._read(answer.response, config, model)
             except ItemError as error:
                 paid = error.usage if isinstance(error, PaidError) else None
-                spent += paid.cost_usd if paid else 0.0
+                billed = _sum(billed, paid) if paid else billed
                 status: messages.ItemStatus = (
                     "cancelled" if error.error_class == ErrorClass.CANCELLED else "failed"
                 )
                 failed = item_result(self.res.keys, "analyzer", task, status, error, usage=paid)
                 results.append(failed)
                 continue
-            spent += usage.cost_usd
+            billed = _sum(billed, usage)
             content = ContentKey(task.facts.sha256, "gemini", *self.provider.cache_key(config))
             await self.cache.put(content, analysis, usage)
             results.append(
@@ -437,7 +438,7 @@ class GeminiBatchJobs:
                     usage=usage,
                 )
             )
-        return results, spent
+        return results, billed
 
     def _read(
         self, response: types.GenerateContentResponse, config: BatchConfig, model: str
@@ -446,6 +447,16 @@ class GeminiBatchJobs:
         price = pricing.price_of(model, self.provider.catalog.prices)
         usage = gemini_reply.usage_of(response, price, "batch")
         return analysis_of(response, compiled, model, usage).fields, usage
+
+
+def _sum(a: messages.Usage, b: messages.Usage) -> messages.Usage:
+    return messages.Usage(
+        input_tokens=a.input_tokens + b.input_tokens,
+        output_tokens=a.output_tokens + b.output_tokens,
+        thought_tokens=a.thought_tokens + b.thought_tokens,
+        cached_tokens=a.cached_tokens + b.cached_tokens,
+        cost_usd=a.cost_usd + b.cost_usd,
+    )
 
 
 def _resolve(line: _Line, outs: Sequence[Out]) -> None:
