@@ -431,7 +431,7 @@ function renderBatch(id) {
     title.textContent = s.name;
     document.title = `${s.name} · imagestream`;
     stateBadge.replaceChildren(badge(s.state));
-    subtitle.textContent = [s.source_name, s.analyzer + (s.profile ? ` · ${s.profile}` : "") + (s.model ? ` · ${s.model}` : ""), `created ${fmt.ago(s.created_at)}`].filter(Boolean).join(" · ")
+    subtitle.textContent = [s.source_name, s.analyzer + (s.profile ? ` · ${s.profile}` : "") + (s.model ? ` · ${s.model}` : "") + (s.mode === "batch" ? " · Batch API (½ price)" : ""), `created ${fmt.ago(s.created_at)}`].filter(Boolean).join(" · ")
       + (s.state_reason ? ` — ${s.state_reason}` : "");
     const c = s.counts;
     const done = c.total - c.remaining;
