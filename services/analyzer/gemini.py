@@ -310,7 +310,8 @@ class GeminiProvider:
             model=model,
             price=pricing.price_of(model, self.catalog.prices),
             tokens=profiles.input_tokens(compiled, model, *_image_size(data)),
-            contents=[types.Part.from_bytes(data=data, mime_type=mime), compiled.profile.prompt],
+            image=types.Part.from_bytes(data=data, mime_type=mime),
+            prompt=compiled.profile.prompt,
             generation=self._generation_config(compiled, model),
         )
 
@@ -483,8 +484,18 @@ class Request:
     model: str
     price: pricing.Price
     tokens: int  # input tokens by Google's rules
-    contents: list[Any]
+    image: types.Part
+    prompt: str
     generation: types.GenerateContentConfig
+
+    @property
+    def contents(self) -> list[Any]:
+        """What a call sends: the image, then the question."""
+        return [self.image, self.prompt]
+
+    def content(self) -> types.Content:
+        """The same as the one user turn of a Batch API request."""
+        return types.Content(role="user", parts=[self.image, types.Part(text=self.prompt)])
 
     def worst_usd(self, mode: pricing.Mode) -> float:
         """The most the call can cost: its input tokens plus a tenth, the whole output cap."""

@@ -29,6 +29,7 @@ images are paid twice (their results are not doubled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
@@ -119,12 +120,7 @@ class GeminiBatchJobs:
         line = _Line(
             task=task,
             request=types.InlinedRequest(
-                contents=[
-                    types.Content(
-                        role="user",
-                        parts=[request.contents[0], types.Part(text=request.contents[1])],
-                    )
-                ],
+                contents=[request.content()],
                 config=request.generation,
                 metadata={"item": str(task.item_id)},
             ),
@@ -180,6 +176,8 @@ class GeminiBatchJobs:
             if not isinstance(exc, Exception):
                 raise
             log.warning("sending a Gemini batch job failed: %s", exc, exc_info=exc)
+            with contextlib.suppress(Exception):  # they reserve again when sent again
+                await self._settle(lines, 0.0)
 
     async def _send_lines(self, group: _Group, lines: list[_Line]) -> None:
         config = group.config
