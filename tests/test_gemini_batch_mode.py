@@ -18,6 +18,7 @@ import pytest
 
 from imagestream.analyzer.budget import nano
 from imagestream.analyzer.gemini import GeminiProvider
+from imagestream.analyzer.gemini_batch import ShuttingDown
 from imagestream.analyzer.service import Analyzer, create_providers
 from imagestream.common import control, ledger, messages, pricing, profiles, streams
 from imagestream.common.connections import Resources
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 FAST_JOBS = {"GEMINI_BATCH_LINGER_S": "0.2", "GEMINI_BATCH_POLL_S": "0.05"}
+ONE_PROJECT = {"GEMINI_API_KEYS": "key-a@proj-a"}
 
 
 @contextlib.asynccontextmanager
@@ -180,6 +182,63 @@ async def test_jobs_are_split_at_the_request_limit(res: Resources) -> None:
         assert methods(rig) == ["batchGenerateContent"] * 3
         results = await collect_all(rig.analyzer, res, 5)
         assert sorted(r.status for r in results) == ["succeeded"] * 5
+
+
+async def test_a_project_runs_at_most_max_jobs_at_once(res: Resources) -> None:
+    # One project (the limit is per project), one image per job.
+    env = {**ONE_PROJECT, "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    async with batch_rig(res, **env) as rig:
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        # One job per image; the second waits for the first to be collected.
+        results = await asyncio.gather(send(rig, items), collect_all(rig.analyzer, res, 2))
+        assert results[0] == [[], []]
+        assert sorted(r.status for r in results[1]) == ["succeeded", "succeeded"]
+        rows = await res.pool.fetch(
+            "SELECT created_at, finished_at FROM gemini_jobs WHERE batch_id = $1"
+            " ORDER BY created_at",
+            uuid.UUID(items[0].task.batch_id),
+        )
+        assert len(rows) == 2 and rows[0]["finished_at"] <= rows[1]["created_at"]
+        assert methods(rig) == ["batchGenerateContent"] * 2  # waiting sent nothing
+
+
+async def test_google_refusing_another_job_means_wait_not_fail(res: Resources) -> None:
+    waited = metric("imagestream_gemini_batch_jobs_total", event="waited")
+    async with batch_rig(res, **ONE_PROJECT, GEMINI_BATCH_MAX_REQUESTS="1") as rig:
+        rig.emulator.update_config({"max_concurrent_batches": 1})
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        results = await asyncio.gather(send(rig, items), collect_all(rig.analyzer, res, 2))
+        assert sorted(r.status for r in results[1]) == ["succeeded", "succeeded"]
+        creates = [e for e in rig.emulator.request_log() if e["method"] == "batchGenerateContent"]
+        assert [e["status"] for e in creates].count(200) == 2
+        assert 429 in [e["status"] for e in creates]  # Google said "not now", and we waited
+        assert metric("imagestream_gemini_batch_jobs_total", event="waited") > waited
+
+
+async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
+    res: Resources,
+) -> None:
+    # One project (the limit is per project), one image per job.
+    env = {**ONE_PROJECT, "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
+        jobs = rig.analyzer.batch_jobs
+        assert jobs is not None
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        handled = asyncio.gather(
+            *(rig.analyzer.handle(i.task) for i in items), return_exceptions=True
+        )
+
+        async def one_sent() -> bool:
+            return methods(rig) == ["batchGenerateContent"] and jobs.waiting == 0
+
+        await wait_for(one_sent)
+        await jobs.close()
+        outcomes = await asyncio.wait_for(handled, timeout=30)
+        # One image is in the running job; the other's entry stays pending for redelivery.
+        assert sorted(map(repr, outcomes)) == sorted(
+            ["[]", repr(ShuttingDown("the analyzer is stopping; the job was not sent"))]
+        )
+        assert methods(rig) == ["batchGenerateContent"]
 
 
 async def test_failed_lines_fail_their_items_and_keep_their_cost(res: Resources) -> None:

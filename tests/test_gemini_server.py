@@ -730,9 +730,11 @@ def test_command_line_builds_config(tmp_path: Path) -> None:
             "--error-rate-fenced-json=0.05",
             f"--keys-file={keys}",
             "--window-seconds=5",
+            "--max-concurrent-batches=3",
         ]
     )
     config = config_from_args(args)
+    assert config.max_concurrent_batches == 3
     assert config.default_limits.rpm == 10 and config.default_limits.tpm is None
     assert config.latency.kind == "lognormal" and config.latency.median_ms == 50
     assert config.error_rates == {"503": 0.1, "fenced_json": 0.05}

@@ -157,6 +157,9 @@ class EmulatorConfig:
     default_thinking: bool = False
     batch_pending_seconds: float = 1.0
     batch_running_seconds: float = 2.0
+    # Batch API jobs a project may have pending or running at once (Google: 100); one more
+    # is answered 429 RESOURCE_EXHAUSTED. None: no limit.
+    max_concurrent_batches: int | None = None
     max_log_entries: int = 200_000
 
     def validate(self) -> None:
@@ -700,6 +703,20 @@ class Emulator:
             requests = (input_config.get("requests") or {}).get("requests")
             if not isinstance(requests, list) or not requests:
                 raise bad_request("* BatchGenerateContentRequest.batch.input_config: no requests\n")
+            limit = self._config.max_concurrent_batches
+            project = self.project_of(key)
+            unfinished = sum(
+                j.project == project
+                and self._batch_state(j, t) in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING")
+                for j in self._batches.values()
+            )
+            if limit is not None and unfinished >= limit:
+                raise ApiError(
+                    429,
+                    "RESOURCE_EXHAUSTED",
+                    f"Too many concurrent batches: {unfinished} of at most {limit}.",
+                    outcome="429",
+                )
         except ApiError as exc:
             self._record(
                 t=t,
@@ -1095,6 +1112,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry-delay-format", choices=["ceil", "exact"])
     parser.add_argument("--batch-pending-seconds", type=float)
     parser.add_argument("--batch-running-seconds", type=float)
+    parser.add_argument(
+        "--max-concurrent-batches", type=int, help="unfinished Batch API jobs per project (429)"
+    )
     parser.add_argument("--default-thinking", action="store_true", default=None)
     parser.add_argument("--keys-file", type=Path, help="keys/projects: JSON patch or KEY [PROJECT]")
     parser.add_argument("--config-file", type=Path, help="JSON EmulatorConfig (or part of one)")
@@ -1142,6 +1162,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         "retry_delay_format",
         "batch_pending_seconds",
         "batch_running_seconds",
+        "max_concurrent_batches",
         "default_thinking",
     ):
         value = getattr(args, name)

@@ -138,6 +138,9 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
     gemini_batch_max_requests: int = 1000
     gemini_batch_linger_s: float = 30.0
     gemini_batch_poll_s: float = 30.0
+    #: Batch API jobs one project may have running at once: Google allows 100, shared with
+    #: whatever else uses the project. A job over the limit waits for one to finish.
+    gemini_batch_max_jobs: int = 100
     #: A directory of extra analysis profiles (*.json), and a JSON file of model prices.
     profiles_dir: str | None = None
     gemini_prices_file: str | None = None
@@ -149,11 +152,11 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
         if self.gemini_attempts < 1 or self.gemini_max_inflight < 1:
             raise ValueError("GEMINI_ATTEMPTS and GEMINI_MAX_INFLIGHT must be >= 1")
         if (
-            self.gemini_batch_max_requests < 1
+            min(self.gemini_batch_max_requests, self.gemini_batch_max_jobs) < 1
             or min(self.gemini_batch_linger_s, self.gemini_batch_poll_s) <= 0
         ):
             raise ValueError(
-                "GEMINI_BATCH_MAX_REQUESTS must be >= 1,"
+                "GEMINI_BATCH_MAX_REQUESTS and GEMINI_BATCH_MAX_JOBS must be >= 1,"
                 " GEMINI_BATCH_LINGER_S and GEMINI_BATCH_POLL_S > 0"
             )
         if self.gemini_quota_window_s <= 0 or self.gemini_quota_margin_s < 0:

@@ -60,7 +60,8 @@ log = logging.getLogger(__name__)
 
 JOBS = Counter(
     "imagestream_gemini_batch_jobs_total",
-    "Gemini Batch API jobs by event (submitted, succeeded, failed, expired, cancelled).",
+    "Gemini Batch API jobs by event: submitted, waited (Google answered 429 to a new job),"
+    " then succeeded, failed, expired or cancelled when collected.",
     ["event"],
 )
 #: Google's limit for a job's inline requests; base64 makes the images a third larger.
@@ -73,6 +74,10 @@ _DONE = {
     types.JobState.JOB_STATE_CANCELLED: "cancelled",
 }
 _tasks_codec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[messages.AnalyzeTask])
+
+
+class ShuttingDown(Exception):
+    pass
 
 
 def is_batch_mode(config: BatchConfig) -> bool:
@@ -108,6 +113,8 @@ class GeminiBatchJobs:
         self.cache = AnalysisCache(res)
         self._groups: dict[tuple[str, str, str], _Group] = {}
         self._sending: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
+        self._one_at_a_time = asyncio.Lock()
 
     # ------------------------------------------------------------------ sending
     async def submit(
@@ -188,18 +195,28 @@ class GeminiBatchJobs:
                 _resolve(line, [self._halted_result(line.task, halted)])
             return
         try:
-            job, project = await self._create(group.model, [line.request for line in lines])
+            # One job at a time from this process, from the count of running jobs to the
+            # ledger row, so that the count stays true (replicas may still overshoot by a
+            # job each; Google's 429 then makes the extra one wait).
+            async with self._one_at_a_time:
+                job, project = await self._create(config, group.model, [li.request for li in lines])
+                await self._record(job, project, group, lines)
         except ItemError as error:
             await self._settle(lines, 0.0)
             for line in lines:
                 _resolve(line, [item_result(self.res.keys, "analyzer", line.task, "failed", error)])
             return
-        except Halted as halted_:
-            await pause_batch(self.res, config.id, "no_usable_gemini_key")
+        except Halted as stopped:
             await self._settle(lines, 0.0)
             for line in lines:
-                _resolve(line, [self._halted_result(line.task, halted_.state)])
+                _resolve(line, [self._halted_result(line.task, stopped.state)])
             return
+        for line in lines:
+            _resolve(line, [])
+
+    async def _record(
+        self, job: types.BatchJob, project: str, group: _Group, lines: list[_Line]
+    ) -> None:
         tasks = [line.task for line in lines]
         await self.res.pool.execute(
             """
@@ -207,7 +224,7 @@ class GeminiBatchJobs:
             VALUES ($1, $2, $3, $4, $5, $6, $7)
             """,
             job.name,
-            uuid.UUID(config.id),
+            uuid.UUID(group.config.id),
             project,
             group.model,
             _tasks_codec[0].encode(tasks),
@@ -217,10 +234,13 @@ class GeminiBatchJobs:
         JOBS.labels("submitted").inc()
         log.info(
             "Gemini batch job sent",
-            extra={"batch": config.id, "job": job.name, "items": len(lines), "project": project},
+            extra={
+                "batch": group.config.id,
+                "job": job.name,
+                "items": len(lines),
+                "project": project,
+            },
         )
-        for line in lines:
-            _resolve(line, [])
 
     def _halted_result(self, task: messages.AnalyzeTask, state: str) -> Out:
         if state == "paused":
@@ -233,17 +253,28 @@ class GeminiBatchJobs:
             await self.provider.budgets.settle(line.reservation, cost_usd)
 
     async def _create(
-        self, model: str, requests: list[types.InlinedRequest]
+        self, config: BatchConfig, model: str, requests: list[types.InlinedRequest]
     ) -> tuple[types.BatchJob, str]:
-        """Send the job with a usable key: 429 and 5xx are retried, a refused key is
-        quarantined and another used. Returns the job and the project that holds it."""
+        """Send the job with a usable key of a project with room for another running job.
+
+        Google's 429 (too many running jobs, or its batch quota) and a project at
+        ``GEMINI_BATCH_MAX_JOBS`` mean wait, however long: the job goes when one finishes,
+        and meanwhile the held entries hold the pipeline back. 5xx and connection errors are
+        retried ``GEMINI_ATTEMPTS`` times; a refused key is quarantined and another used.
+        Returns the job and the project that holds it."""
         failures = 0
         while True:
             await self.provider.pool.refresh()
             projects = self.provider.pool.usable_projects()
             if not projects:
+                await pause_batch(self.res, config.id, "no_usable_gemini_key")
                 raise Halted("paused", "every Gemini API key is quarantined")
-            project = random.choice(projects)
+            with_room = await self._with_room([p.name for p in projects])
+            if not with_room:
+                await self._wait_turn(config, self.settings.gemini_batch_poll_s)
+                continue
+            chosen = random.choice(with_room)
+            project = next(p for p in projects if p.name == chosen)
             key = self.provider.pool.key_for(project)
             try:
                 job = await key.client.aio.batches.create(
@@ -255,15 +286,24 @@ class GeminiBatchJobs:
                 if exc.code in (401, 403):
                     await self.provider.pool.quarantine(key, f"{exc.code} {exc.status}")
                     continue
-                if exc.code < 500 and exc.code not in (408, 429):
+                if exc.code == 429:
+                    JOBS.labels("waited").inc()
+                    delay = retry_delay(exc) or self.settings.gemini_batch_poll_s
+                    log.info(
+                        "Gemini refused another batch job for now (429); waiting %.0f s",
+                        delay,
+                        extra={"project": project.name, "batch": config.id},
+                    )
+                    await self._wait_turn(config, delay)
+                    continue
+                if exc.code < 500 and exc.code != 408:
                     raise ItemError(
                         ErrorClass.ANALYZER_ERROR,
                         f"Gemini refused the batch job: {exc.code} {exc.status}: {exc.message}",
                     ) from None
                 failure = f"{exc.code} {exc.status}: {exc.message}"
-                delay = retry_delay(exc) if exc.code == 429 else None
             except (TimeoutError, aiohttp.ClientError) as exc:
-                failure, delay = f"connection failed: {exc!r}", None
+                failure = f"connection failed: {exc!r}"
             else:
                 if not job.name:
                     raise ItemError(ErrorClass.ANALYZER_ERROR, "Gemini named no batch job")
@@ -274,8 +314,30 @@ class GeminiBatchJobs:
                     ErrorClass.ANALYZER_ERROR,
                     f"sending the Gemini batch job failed {failures} times: {failure}",
                 )
-            backoff = delay or min(30.0, self.settings.gemini_backoff_s * 2 ** (failures - 1))
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(30.0, self.settings.gemini_backoff_s * 2 ** (failures - 1))
+            await self._wait_turn(config, backoff * random.uniform(0.5, 1.0))
+
+    async def _with_room(self, projects: list[str]) -> list[str]:
+        """The projects below GEMINI_BATCH_MAX_JOBS running jobs (every pipeline's count:
+        the limit is the project's)."""
+        rows = await self.res.pool.fetch(
+            "SELECT project, count(*) AS n FROM gemini_jobs"
+            " WHERE state = 'running' AND project = ANY($1::text[]) GROUP BY project",
+            projects,
+        )
+        running = {r["project"]: r["n"] for r in rows}
+        return [p for p in projects if running.get(p, 0) < self.settings.gemini_batch_max_jobs]
+
+    async def _wait_turn(self, config: BatchConfig, seconds: float) -> None:
+        """Wait before trying again; Halted if the batch was paused or cancelled meanwhile,
+        ShuttingDown if the analyzer is stopping (the entries are delivered again)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), timeout=seconds)
+        if self._closing.is_set():
+            raise ShuttingDown("the analyzer is stopping; the job was not sent")
+        state = await self.halted.state(config.id)
+        if state is not None:
+            raise Halted(state, f"batch {state} while its Batch API job waited to be sent")
 
     @property
     def waiting(self) -> int:
@@ -294,6 +356,7 @@ class GeminiBatchJobs:
 
     async def close(self) -> None:
         self.send_open_groups()
+        self._closing.set()  # jobs waiting for their turn give their entries back
         await asyncio.gather(*self._sending, return_exceptions=True)
 
     # ------------------------------------------------------------------ collecting
@@ -358,8 +421,9 @@ class GeminiBatchJobs:
             results, billed = await self._results(batch_id, row["model"], tasks, answers, reason)
             await streams.append(self.res.redis, self.res.keys.write, [p for _, p in results])
             await conn.execute(
-                "UPDATE gemini_jobs SET state = 'collected', job_state = $2, finished_at = now()"
-                " WHERE name = $1",
+                # The tasks are done with; the row stays, naming the job's items.
+                "UPDATE gemini_jobs SET state = 'collected', job_state = $2, finished_at = now(),"
+                " tasks = '' WHERE name = $1",
                 name,
                 job_state,
             )

@@ -6,7 +6,7 @@ CREATE TABLE gemini_jobs (
     batch_id      uuid NOT NULL,
     project       text NOT NULL,                 -- the quota holder whose keys may poll it
     model         text NOT NULL,
-    tasks         bytea NOT NULL,                -- msgpack list of the AnalyzeTasks, in order
+    tasks         bytea NOT NULL,                -- msgpack list of the AnalyzeTasks (emptied once collected)
     item_ids      bigint[] NOT NULL,
     reserved_nano bigint NOT NULL DEFAULT 0,     -- its budget reservation (nano-USD), if any
     state         text NOT NULL DEFAULT 'running',
