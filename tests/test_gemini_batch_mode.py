@@ -241,6 +241,27 @@ async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
         assert methods(rig) == ["batchGenerateContent"]
 
 
+async def test_pausing_a_batch_whose_job_waits_for_its_turn_hands_its_images_back(
+    res: Resources,
+) -> None:
+    env = {**ONE_PROJECT, "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        handled = asyncio.gather(*(rig.analyzer.handle(i.task) for i in items))
+
+        async def one_sent() -> bool:
+            return methods(rig) == ["batchGenerateContent"]
+
+        await wait_for(one_sent)
+        batch_id = uuid.UUID(items[0].task.batch_id)
+        await control.pause(res.redis, res.keys, res.pool, batch_id, "by a user")
+        outcomes = await asyncio.wait_for(handled, timeout=30)
+        assert [] in outcomes  # the first went to Google before the pause
+        (waiting,) = [o for o in outcomes if o]
+        assert messages.result_decoder.decode(waiting[0][1]).status == "requeued"
+        assert methods(rig) == ["batchGenerateContent"]
+
+
 async def test_failed_lines_fail_their_items_and_keep_their_cost(res: Resources) -> None:
     async with batch_rig(res) as rig:
         rig.emulator.queue_outcomes(["500", "invalid_json", "safety"])

@@ -188,12 +188,6 @@ class GeminiBatchJobs:
 
     async def _send_lines(self, group: _Group, lines: list[_Line]) -> None:
         config = group.config
-        halted = await self.halted.state(config.id)
-        if halted is not None:
-            await self._settle(lines, 0.0)
-            for line in lines:
-                _resolve(line, [self._halted_result(line.task, halted)])
-            return
         try:
             # One job at a time from this process, from the count of running jobs to the
             # ledger row, so that the count stays true (replicas may still overshoot by a
@@ -264,6 +258,9 @@ class GeminiBatchJobs:
         Returns the job and the project that holds it."""
         failures = 0
         while True:
+            state = await self.halted.state(config.id)
+            if state is not None:  # paused or cancelled while its images gathered or waited
+                raise Halted(state, f"batch {state} before its Batch API job was sent")
             await self.provider.pool.refresh()
             projects = self.provider.pool.usable_projects()
             if not projects:
@@ -271,7 +268,7 @@ class GeminiBatchJobs:
                 raise Halted("paused", "every Gemini API key is quarantined")
             with_room = await self._with_room([p.name for p in projects])
             if not with_room:
-                await self._wait_turn(config, self.settings.gemini_batch_poll_s)
+                await self._wait_turn(self.settings.gemini_batch_poll_s)
                 continue
             chosen = random.choice(with_room)
             project = next(p for p in projects if p.name == chosen)
@@ -294,7 +291,7 @@ class GeminiBatchJobs:
                         delay,
                         extra={"project": project.name, "batch": config.id},
                     )
-                    await self._wait_turn(config, delay)
+                    await self._wait_turn(delay)
                     continue
                 if exc.code < 500 and exc.code != 408:
                     raise ItemError(
@@ -315,7 +312,7 @@ class GeminiBatchJobs:
                     f"sending the Gemini batch job failed {failures} times: {failure}",
                 )
             backoff = min(30.0, self.settings.gemini_backoff_s * 2 ** (failures - 1))
-            await self._wait_turn(config, backoff * random.uniform(0.5, 1.0))
+            await self._wait_turn(backoff * random.uniform(0.5, 1.0))
 
     async def _with_room(self, projects: list[str]) -> list[str]:
         """The projects below GEMINI_BATCH_MAX_JOBS running jobs (every pipeline's count:
@@ -328,16 +325,13 @@ class GeminiBatchJobs:
         running = {r["project"]: r["n"] for r in rows}
         return [p for p in projects if running.get(p, 0) < self.settings.gemini_batch_max_jobs]
 
-    async def _wait_turn(self, config: BatchConfig, seconds: float) -> None:
-        """Wait before trying again; Halted if the batch was paused or cancelled meanwhile,
-        ShuttingDown if the analyzer is stopping (the entries are delivered again)."""
+    async def _wait_turn(self, seconds: float) -> None:
+        """Wait before trying again; ShuttingDown if the analyzer is stopping meanwhile (the
+        entries are delivered again)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), timeout=seconds)
         if self._closing.is_set():
             raise ShuttingDown("the analyzer is stopping; the job was not sent")
-        state = await self.halted.state(config.id)
-        if state is not None:
-            raise Halted(state, f"batch {state} while its Batch API job waited to be sent")
 
     @property
     def waiting(self) -> int:
