@@ -43,7 +43,12 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 FAST_JOBS = {"GEMINI_BATCH_LINGER_S": "0.2", "GEMINI_BATCH_POLL_S": "0.05"}
-ONE_PROJECT = {"GEMINI_API_KEYS": "key-a@proj-a"}
+
+
+def one_project() -> dict[str, str]:
+    """One key in a project of its own: the running-jobs limit counts a project's jobs in
+    the whole database, and other tests leave jobs running in theirs."""
+    return {"GEMINI_API_KEYS": f"key-a@solo-{secrets.token_hex(4)}"}
 
 
 @contextlib.asynccontextmanager
@@ -186,7 +191,7 @@ async def test_jobs_are_split_at_the_request_limit(res: Resources) -> None:
 
 async def test_a_project_runs_at_most_max_jobs_at_once(res: Resources) -> None:
     # One project (the limit is per project), one image per job.
-    env = {**ONE_PROJECT, "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
     async with batch_rig(res, **env) as rig:
         items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
         # One job per image; the second waits for the first to be collected.
@@ -204,7 +209,7 @@ async def test_a_project_runs_at_most_max_jobs_at_once(res: Resources) -> None:
 
 async def test_google_refusing_another_job_means_wait_not_fail(res: Resources) -> None:
     waited = metric("imagestream_gemini_batch_jobs_total", event="waited")
-    async with batch_rig(res, **ONE_PROJECT, GEMINI_BATCH_MAX_REQUESTS="1") as rig:
+    async with batch_rig(res, **one_project(), GEMINI_BATCH_MAX_REQUESTS="1") as rig:
         rig.emulator.update_config({"max_concurrent_batches": 1})
         items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
         results = await asyncio.gather(send(rig, items), collect_all(rig.analyzer, res, 2))
@@ -219,7 +224,7 @@ async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
     res: Resources,
 ) -> None:
     # One project (the limit is per project), one image per job.
-    env = {**ONE_PROJECT, "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
     async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
         jobs = rig.analyzer.batch_jobs
         assert jobs is not None
@@ -244,7 +249,7 @@ async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
 async def test_pausing_a_batch_whose_job_waits_for_its_turn_hands_its_images_back(
     res: Resources,
 ) -> None:
-    env = {**ONE_PROJECT, "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
     async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
         items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
         handled = asyncio.gather(*(rig.analyzer.handle(i.task) for i in items))
