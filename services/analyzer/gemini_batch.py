@@ -315,11 +315,13 @@ class GeminiBatchJobs:
             await self._wait_turn(backoff * random.uniform(0.5, 1.0))
 
     async def _with_room(self, projects: list[str]) -> list[str]:
-        """The projects below GEMINI_BATCH_MAX_JOBS running jobs (every pipeline's count:
-        the limit is the project's)."""
+        """The projects below GEMINI_BATCH_MAX_JOBS running jobs. Every pipeline's jobs
+        count (the limit is the project's), except those sent over two days ago: Google
+        has expired them by then, even if no analyzer of their pipeline is left to see it."""
         rows = await self.res.pool.fetch(
             "SELECT project, count(*) AS n FROM gemini_jobs"
-            " WHERE state = 'running' AND project = ANY($1::text[]) GROUP BY project",
+            " WHERE state = 'running' AND project = ANY($1::text[])"
+            " AND created_at > now() - interval '2 days' GROUP BY project",
             projects,
         )
         running = {r["project"]: r["n"] for r in rows}
