@@ -10,9 +10,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from imagestream.analyzer.gemini_keys import parse_keys
-from imagestream.analyzer.gemini_reply import InvalidOutput, parse, repair
 from imagestream.analyzer.limiter import QuotaLimits
+from imagestream.analyzer.providers.gemini.keys import parse_keys
+from imagestream.analyzer.providers.gemini.reply import InvalidOutput, parse, repair
 from imagestream.analyzer.service import AnalyzerSettings
 from imagestream.common import pricing, profiles, settings
 from imagestream.devtools import gemini_tokens

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 from skimage import data as skdata
 
-from imagestream.analyzer.local import BLUR_THRESHOLD, COLUMNS, analyze, hamming
+from imagestream.analyzer.providers.local.facts import BLUR_THRESHOLD, COLUMNS, analyze, hamming
 from imagestream.common.messages import ExifSummary, ImageFacts
 
 #: Distinct photographs (skimage's "cat" is chelsea again, so it is left out).

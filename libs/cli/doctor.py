@@ -26,8 +26,8 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from imagestream.analyzer.gemini import GeminiSettings
-from imagestream.analyzer.gemini_keys import KeySpec, make_client
+from imagestream.analyzer.providers.gemini.keys import KeySpec, make_client
+from imagestream.analyzer.providers.gemini.provider import GeminiSettings
 from imagestream.common import db, settings
 from imagestream.common.connections import redact
 

@@ -27,8 +27,8 @@ import msgspec
 from google.genai import errors, types
 from PIL import Image
 
-from imagestream.analyzer.gemini import GeminiProvider
-from imagestream.analyzer.gemini_keys import make_client
+from imagestream.analyzer.providers.gemini.keys import make_client
+from imagestream.analyzer.providers.gemini.provider import GeminiProvider
 from imagestream.analyzer.service import AnalyzerSettings
 from imagestream.common import pricing, profiles, settings
 from imagestream.common.errors import ItemError

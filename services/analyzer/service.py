@@ -28,9 +28,10 @@ from imagestream.common.results import analysis_result, item_result
 from imagestream.common.worker import Out, StreamWorker, out
 
 from .cache import CACHE_LOOKUPS, AnalysisCache, ContentKey
-from .gemini import GeminiProvider, GeminiSettings
-from .gemini_batch import GeminiBatchJobs, is_batch_mode
-from .providers import Analysis, Halted, LocalProvider, PaidError, Provider
+from .providers.base import Analysis, Halted, PaidError, Provider
+from .providers.gemini.batch import GeminiBatchJobs, is_batch_mode
+from .providers.gemini.provider import GeminiProvider, GeminiSettings
+from .providers.local.provider import LocalProvider
 
 log = logging.getLogger(__name__)
 

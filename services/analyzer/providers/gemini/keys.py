@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from imagestream.common.keys import Keys
 
-from .limiter import Project, QuotaLimits
+from ...limiter import Project, QuotaLimits
 
 log = logging.getLogger(__name__)
 

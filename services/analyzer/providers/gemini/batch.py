@@ -49,12 +49,12 @@ from imagestream.common.results import analysis_result, item_result
 from imagestream.common.runtime import supervise
 from imagestream.common.worker import Out
 
-from . import gemini_reply
-from .budget import Reservation
-from .cache import AnalysisCache, ContentKey
-from .gemini import GeminiProvider, analysis_of, count_usage, retry_delay
-from .gemini_keys import ApiKey
-from .providers import Halted, PaidError, pause_batch
+from ...budget import Reservation
+from ...cache import AnalysisCache, ContentKey
+from ..base import Halted, PaidError, pause_batch
+from . import reply
+from .keys import ApiKey
+from .provider import GeminiProvider, analysis_of, count_usage, retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +503,7 @@ class GeminiBatchJobs:
     ) -> tuple[dict[str, object], messages.Usage]:
         compiled, _ = self.provider.catalog.choose(config.profile, model)
         price = pricing.price_of(model, self.provider.catalog.prices)
-        usage = gemini_reply.usage_of(response, price, "batch")
+        usage = reply.usage_of(response, price, "batch")
         return analysis_of(response, compiled, model, usage).fields, usage
 
 

@@ -4,7 +4,7 @@ A call goes: profile and model of the batch -> input tokens by Google's rules ->
 batch's budget reserves the call's worst case (or pauses the batch) -> a slot of this
 process's adaptive concurrency -> the shared quota admits it into a project (``limiter``)
 -> a key of that project -> ``client.aio.models.generate_content`` -> the answer read and
-validated (``gemini_reply``) -> its real cost replaces the reservation.
+validated (``reply``) -> its real cost replaces the reservation.
 
 Failures, each with its own rule (why this is a loop and not tenacity's single counter):
 
@@ -48,11 +48,11 @@ from imagestream.common.messages import ImageFacts, Usage
 from imagestream.common.runtime import supervise
 from imagestream.common.settings import StreamSettings
 
-from . import gemini_reply
-from .budget import BudgetReached, Budgets, Reservation
-from .gemini_keys import KeyPool, KeySpec, parse_keys
-from .limiter import AdaptiveConcurrency, NeverFits, Project, QuotaGate, QuotaLimits
-from .providers import Analysis, Halted, PaidError, pause_batch
+from ...budget import BudgetReached, Budgets, Reservation
+from ...limiter import AdaptiveConcurrency, NeverFits, Project, QuotaGate, QuotaLimits
+from ..base import Analysis, Halted, PaidError, pause_batch
+from . import reply
+from .keys import KeyPool, KeySpec, parse_keys
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class GeminiProvider:
             response, project = await self._call(
                 config, request.model, request.contents, request.generation, request.tokens
             )
-            usage = gemini_reply.usage_of(response, request.price)
+            usage = reply.usage_of(response, request.price)
         finally:
             await self.budgets.settle(reservation, usage.cost_usd)
         count_usage(usage, project)
@@ -518,8 +518,8 @@ def analysis_of(
 ) -> Analysis:
     """The answer read and validated; PaidError (its cost kept) when it is unusable."""
     try:
-        fields = gemini_reply.read(response, compiled)
-    except gemini_reply.InvalidOutput as exc:
+        fields = reply.read(response, compiled)
+    except reply.InvalidOutput as exc:
         raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
     if fields.get("blocked"):
         BLOCKED.inc()

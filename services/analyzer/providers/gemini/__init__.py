@@ -1,0 +1,1 @@
+"""The ``gemini`` provider: Google Gemini over google-genai, standard calls and the Batch API."""

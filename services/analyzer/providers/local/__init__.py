@@ -1,0 +1,1 @@
+"""The ``local`` provider: offline, keyless, deterministic facts about an image."""
