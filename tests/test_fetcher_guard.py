@@ -12,14 +12,14 @@ import socket
 
 import pytest
 
-from imagestream.common.settings import SettingsError, load
-from imagestream.fetcher.guard import (
+from imagestream.common.guard import (
     AddressPolicy,
     BlockedAddressError,
     guarded_socket_factory,
     literal_address,
     parse_cidrs,
 )
+from imagestream.common.settings import SettingsError, load
 from imagestream.fetcher.politeness import opts_out, retry_after_s
 from imagestream.fetcher.settings import FetcherSettings
 

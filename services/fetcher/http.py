@@ -22,8 +22,7 @@ from tenacity.wait import wait_exponential_jitter
 from yarl import URL
 
 from imagestream.common.errors import ErrorClass, ItemError
-
-from .guard import (
+from imagestream.common.guard import (
     AddressPolicy,
     BlockedAddressError,
     GuardedResolver,
@@ -32,6 +31,7 @@ from .guard import (
     literal_address,
     parse_cidrs,
 )
+
 from .politeness import HostGates, opts_out, retry_after_s
 from .settings import FetcherSettings
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from imagestream.common.guard import parse_cidrs
 from imagestream.common.settings import StreamSettings
-
-from .guard import parse_cidrs
 
 
 class FetcherSettings(StreamSettings, kw_only=True, frozen=True):

@@ -1,7 +1,8 @@
-"""The server-side request forgery guard: which addresses the fetcher may connect to.
+"""The server-side request forgery guard: which addresses a service may connect to when a
+user chose the URL (the fetcher's images; any service reaching user-chosen URLs).
 
-Public unicast addresses only, unless ``FETCH_ALLOWED_CIDRS`` allows a range. Three
-layers, each enough on its own for what it covers:
+Public unicast addresses only, unless the service's allow-list (``FETCH_ALLOWED_CIDRS``
+for the fetcher) allows a range. Three layers, each enough on its own for what it covers:
 
 1. **The URL's host, by syntax** (``literal_address``), on every hop before any I/O. A
    host that ends in a number is an IPv4 address to browsers (WHATWG URL) and to
@@ -89,7 +90,7 @@ _NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]*")
 
 
 class BlockedAddressError(OSError):
-    """The fetcher must not connect to this address (or host spelling)."""
+    """A guarded client must not connect to this address (or host spelling)."""
 
 
 def parse_cidrs(values: Sequence[str]) -> tuple[Network, ...]:
@@ -111,7 +112,7 @@ class AddressPolicy:
         return any(address in net for net in self.allowed)
 
     def refusal(self, address: IPAddress) -> str | None:
-        """Why the fetcher must not connect to ``address``, or None when it may."""
+        """Why a guarded client must not connect to ``address``, or None when it may."""
         if self._allowed(address):
             return None
         if isinstance(address, ipaddress.IPv4Address):
