@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from imagestream.common import export, ledger, messages
+from imagestream.common.export.formats import xlsx
 from imagestream.common.inputs import Row
 from imagestream.devtools import corpus
 from imagestream.devtools.imageserver import ImageServer, Reply
@@ -98,12 +99,14 @@ async def batch(pool: asyncpg.Pool, prefix: str) -> uuid.UUID:
 async def exported(
     pool: asyncpg.Pool,
     batch_id: uuid.UUID,
-    fmt: export.ExportFormat,
+    fmt: str,
     filters: export.Filters | None = None,
 ) -> bytes:
     row = await ledger.batch(pool, batch_id)
-    shape = export.layout(row["metadata_columns"], row["analysis_columns"])
-    pieces = export.stream(pool, batch_id, shape, fmt, filters or export.Filters())
+    selection = export.Selection(
+        pool, batch_id, export.batch_layout(row), filters or export.Filters()
+    )
+    pieces = export.SINKS[fmt].write(selection)
     return b"".join([piece async for piece in pieces])
 
 
@@ -233,7 +236,7 @@ async def test_xlsx_continues_on_a_new_sheet(
     pool: asyncpg.Pool, batch: uuid.UUID, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Excel's limit is 1,048,575 data rows per sheet; the same code path with a limit of 2.
-    monkeypatch.setattr(export, "XLSX_SHEET_ROWS", 2)
+    monkeypatch.setattr(xlsx, "XLSX_SHEET_ROWS", 2)
     book = openpyxl.load_workbook(io.BytesIO(await exported(pool, batch, "xlsx")))
     assert book.sheetnames == ["results", "results 2"]
     first, second = (list(book[n].iter_rows(values_only=True)) for n in book.sheetnames)
@@ -246,10 +249,10 @@ async def test_an_abandoned_export_releases_its_connection(pool: asyncpg.Pool, p
 
     batch_id = await ledgerfill.finished_batch(pool, 20_000, pipeline=prefix)
     row = await ledger.batch(pool, batch_id)
-    shape = export.layout(row["metadata_columns"], row["analysis_columns"])
+    selection = export.Selection(pool, batch_id, export.batch_layout(row))
     in_use = pool.get_size() - pool.get_idle_size()
     for fmt in export.FORMATS:
-        pieces = export.stream(pool, batch_id, shape, fmt)
+        pieces = export.SINKS[fmt].write(selection)
         if fmt == "xlsx":  # the reader goes away while the workbook is being written
             first = asyncio.ensure_future(anext(pieces))
             await asyncio.sleep(0.3)
@@ -320,8 +323,9 @@ async def test_xlsx_streams_before_the_last_row_is_read() -> None:
             yield [f"https://img.example.com/{i}.jpg", "succeeded", None, None, i, i, "JPEG", i,
                    "ab" * 32, f"note {i} " * 8, 0, 0, 0, 0.0, False]  # fmt: skip
 
-    columns = [*export.LEADING, "note", *export.TRAILING]
-    pieces = export._encode(rows(), columns, "xlsx")
+    note = export.Column("note", "", export.columns.STRING)
+    columns = [*export.LEADING_COLUMNS, note, *export.TRAILING_COLUMNS]
+    pieces = xlsx.encode(rows(), columns)
     await anext(pieces)
     assert pulled < total
     rest = b"".join([piece async for piece in pieces])

@@ -83,17 +83,15 @@ class RunReport:
     output: Path | None
 
 
-def _check_output(path: Path | None) -> str | None:
+def _check_output(path: Path | None) -> export.Sink | None:
     if path is None:
         return None
-    fmt = export.format_from_path(str(path))
-    if fmt is None:
-        raise UsageError(
-            f"cannot tell the export format of {path}: use .csv, .json, .jsonl or .xlsx"
-        )
+    sink = export.sink_for_path(str(path))
+    if sink is None:
+        raise UsageError(f"cannot tell the export format of {path}: use {export.suffixes()}")
     if not path.parent.exists():
         raise UsageError(f"folder {path.parent} does not exist")
-    return fmt
+    return sink
 
 
 async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Event) -> RunReport:
@@ -101,7 +99,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
     source = options.input
     if not source.exists():
         raise UsageError(f"{source} does not exist")
-    fmt = _check_output(options.output)
+    sink = _check_output(options.output)
     try:
         choice = profiles.resolve_batch(
             {
@@ -169,8 +167,8 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
                 await services
             await _forget_keys(res)
         elapsed = time.perf_counter() - started
-        if options.output is not None and fmt is not None:
-            await export_to_file(res, batch_id, options.output, fmt)  # type: ignore[arg-type]
+        if options.output is not None and sink is not None:
+            await export_to_file(res, batch_id, options.output, sink)
         errors = await ledger.error_counts(res.pool, batch_id)
     return RunReport(batch, elapsed, errors, options.output)
 
@@ -213,13 +211,13 @@ async def _forget_keys(res: Resources) -> None:
 
 
 async def export_to_file(
-    res: Resources, batch_id: uuid.UUID, path: Path, fmt: export.ExportFormat
+    res: Resources, batch_id: uuid.UUID, path: Path, sink: export.Sink
 ) -> None:
     batch = await ledger.batch(res.pool, batch_id)
-    shape = export.layout(batch["metadata_columns"], batch["analysis_columns"])
+    selection = export.Selection(res.pool, batch_id, export.batch_layout(batch))
     partial = path.with_name(path.name + ".partial")
     with partial.open("wb") as handle:
-        async for piece in export.stream(res.pool, batch_id, shape, fmt):
+        async for piece in sink.write(selection):
             await asyncio.to_thread(handle.write, piece)
     partial.replace(path)
 

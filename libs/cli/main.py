@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from imagestream.common import db, settings, tokens
+from imagestream.common import db, export, settings, tokens
 from imagestream.common.connections import ConnectError
 from imagestream.common.logging import configure_logging
 from imagestream.common.runtime import run
@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         "-o",
         "--output",
         type=Path,
-        help="results file; the format comes from the extension (.csv, .json, .jsonl, .xlsx)",
+        help=f"results file; the format comes from the extension ({export.suffixes()})",
     )
     p.add_argument("--analyzer", default=None, help="local (default) or gemini")
     p.add_argument("--profile", help="analysis profile (gemini)")

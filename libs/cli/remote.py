@@ -62,7 +62,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--stage", action="append", default=[], help="only failures at this stage")
     p = sub.add_parser("export", help="download a batch's results" + note)
     p.add_argument("id")
-    p.add_argument("-o", "--output", type=Path, required=True, help=".csv, .json, .jsonl or .xlsx")
+    p.add_argument("-o", "--output", type=Path, required=True, help=export.suffixes())
     p.add_argument("--state", action="append", default=[], help="only items in this state")
     p.add_argument("--error-class", action="append", default=[], help="only this error class")
     p.add_argument(
@@ -203,12 +203,12 @@ async def replay(client: Client, args: argparse.Namespace) -> int:
 
 async def export_results(client: Client, args: argparse.Namespace) -> int:
     output: Path = args.output
-    fmt = export.format_from_path(str(output))
-    if fmt is None:
-        raise RemoteError(f"cannot tell the format of {output}: use .csv, .json, .jsonl or .xlsx")
+    sink = export.sink_for_path(str(output))
+    if sink is None:
+        raise RemoteError(f"cannot tell the format of {output}: use {export.suffixes()}")
     if not output.parent.is_dir():
         raise RemoteError(f"folder {output.parent} does not exist")
-    query: list[tuple[str, str]] = [("format", fmt)]
+    query: list[tuple[str, str]] = [("format", sink.name)]
     query += [("state", s) for s in args.state] + [("error_class", e) for e in args.error_class]
     query += [("field", f) for f in args.field]
     partial = output.with_name(output.name + ".partial")

@@ -320,7 +320,7 @@ class Batches:
                     "next_after": rows[-1]["line"] if len(rows) == limit else None,
                 }
             )
-        response = self._attachment(row, "rejects", "csv", export.MEDIA_TYPES["csv"])
+        response = self._attachment(row, "rejects", export.SINKS["csv"])
         await response.prepare(request)
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
@@ -354,13 +354,11 @@ class Batches:
         return ledger.parse_batch_id(query["batch_id"])
 
     @staticmethod
-    def _attachment(
-        row: asyncpg.Record, what: str, ext: str, media_type: str
-    ) -> web.StreamResponse:
-        name = f"{_slug(row['name'])}-{str(row['id'])[:8]}-{what}.{ext}"
+    def _attachment(row: asyncpg.Record, what: str, sink: export.Sink) -> web.StreamResponse:
+        name = f"{_slug(row['name'])}-{str(row['id'])[:8]}-{what}{sink.suffix}"
         return web.StreamResponse(
             headers={
-                "Content-Type": media_type,
+                "Content-Type": sink.media_type,
                 "Content-Disposition": (
                     f"attachment; filename=\"{name}\"; filename*=UTF-8''{quote(name)}"
                 ),
@@ -371,13 +369,13 @@ class Batches:
     async def _export(
         self, request: web.Request, batch_id: uuid.UUID, query: params.Query
     ) -> web.StreamResponse:
-        fmt = params.export_format(query)
+        sink = params.export_sink(query)
         filters = params.export_filters(query)
         row = await ledger.batch(self.pool, batch_id)
-        shape = export.layout(row["metadata_columns"], row["analysis_columns"])
-        response = self._attachment(row, "results", fmt, export.MEDIA_TYPES[fmt])
+        selection = export.Selection(self.pool, batch_id, export.batch_layout(row), filters)
+        response = self._attachment(row, "results", sink)
         await response.prepare(request)
-        pieces = export.stream(self.pool, batch_id, shape, fmt, filters)
+        pieces = sink.write(selection)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
                 await response.write(piece)
@@ -403,7 +401,7 @@ class Batches:
         )
         kind = match["kind"] or "results"
         if kind == "results":  # check now: a bad filter is a 400 here, not a broken link
-            params.export_format(query)
+            params.export_sink(query)
             params.export_filters(query)
         await ledger.batch(self.pool, batch_id)
         ticket = secrets.token_urlsafe(24)

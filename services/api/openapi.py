@@ -559,16 +559,14 @@ def _paging(maximum: int, default: int) -> list[Schema]:
 
 
 EXPORT_MEDIA = {
-    "text/csv": {"schema": {"type": "string"}},
-    "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
-    "application/x-ndjson": {"schema": {"type": "string"}},
-    export.MEDIA_TYPES["xlsx"]: {
-        "schema": {"type": "string", "contentMediaType": export.MEDIA_TYPES["xlsx"]}
-    },
+    sink.media_type.partition(";")[0]: {"schema": sink.openapi_schema}
+    for sink in export.SINKS.values()
 }
 EXPORT_PARAMS = [
     query(
-        "format", {"type": "string", "enum": list(export.FORMATS), "default": "csv"}, "File format."
+        "format",
+        {"type": "string", "enum": list(export.FORMATS), "default": export.DEFAULT_FORMAT},
+        "File format.",
     ),
     query(
         "state",

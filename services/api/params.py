@@ -68,12 +68,12 @@ def timestamp(query: Query, name: str) -> datetime.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
 
 
-def export_format(query: Query) -> export.ExportFormat:
-    fmt = query.get("format", "csv")
-    for known in export.FORMATS:
-        if fmt == known:
-            return known
-    raise bad_request(f"format must be one of {', '.join(export.FORMATS)}")
+def export_sink(query: Query) -> export.Sink:
+    """The format asked for (``format``, CSV by default)."""
+    sink = export.SINKS.get(query.get("format", export.DEFAULT_FORMAT))
+    if sink is None:
+        raise bad_request(f"format must be one of {', '.join(export.FORMATS)}")
+    return sink
 
 
 def export_filters(query: Query) -> export.Filters:

@@ -1,0 +1,1 @@
+"""One module per export format, each defining ``SINKS`` (see ../sinks.py)."""
