@@ -120,3 +120,32 @@ def keys(prefix: str) -> Keys:
 @pytest.fixture
 def res(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> Resources:
     return Resources(redis, pool, keys)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1; its endpoint and test credentials are put in this
+    process's environment (where every S3 client, and every child process, reads them)."""
+    from imagestream.devtools import s3server
+
+    with s3server.running() as endpoint:
+        saved = {name: os.environ.get(name) for name in s3server.environment(endpoint)}
+        os.environ.update(s3server.environment(endpoint))
+        try:
+            yield endpoint
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket of this test's own."""
+    import boto3
+
+    name = f"test-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return name
