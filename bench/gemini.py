@@ -47,6 +47,7 @@ import asyncpg
 from _common import REDIS_URL, free_port, machine, scratch_database, table
 from PIL import Image
 
+from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
 from imagestream.common import db, ledger, messages, pricing, profiles, streams
 from imagestream.common.connections import redis_client
 from imagestream.common.inputs import Row
@@ -345,7 +346,13 @@ def report(
         cost = float(b["cost_usd"]) * per_k  # as billed: at the batch's own price
         # Gemini counts the response schema as input; the emulator does not.
         schema = catalog.profile(b["profile"]).schema_tokens
-        schema_usd = 1000 * schema * pricing.price_of(b["model"]).input / 1e6 * discount
+        schema_usd = (
+            1000
+            * schema
+            * pricing.price_of(b["model"], gemini_pricing.PRICES).input
+            / 1e6
+            * discount
+        )
         at_batch_price = cost if mode == "batch" else cost * pricing.BATCH_DISCOUNT
         cost_rows.append(
             [b["profile"], b["model"], mode, b["succeeded"], b["failed"],

@@ -427,7 +427,7 @@ async def test_subscribers_of_a_batch_share_one_poll_loop(api: Api, images: Imag
 # ------------------------------------------------------------------ system and dead stream
 async def test_system_status(api: Api) -> None:
     await api.res.redis.hset(
-        api.res.keys.gemini_status,
+        api.res.keys.key_status("gemini"),
         "k-1a2b",
         orjson.dumps({"project": "p1", "state": "ok", "rpm": {"used": 12, "limit": 600}}),
     )
@@ -442,7 +442,14 @@ async def test_system_status(api: Api) -> None:
     assert set(stages) == {"ingest", "fetcher", "analyzer", "writer"}
     assert all(s["services"] >= 1 and s["capacity"] > 0 for s in stages.values())
     assert {s["stage"] for s in body["pipeline"]["services"]} == set(stages)
-    assert body["gemini"]["keys"] == [
+    offered = {p["name"]: p for p in body["providers"]}
+    assert next(iter(offered)) == "local" and {"local", "gemini"} <= set(offered)
+    assert offered["local"] == {
+        "name": "local", "title": "Local (offline, free)", "paid": False,
+        "modes": ["standard"], "keyed": False,
+    }  # fmt: skip
+    assert offered["gemini"]["modes"] == ["standard", "batch"]
+    assert offered["gemini"]["keys"] == [
         {"key": "k-1a2b", "project": "p1", "state": "ok", "rpm": {"used": 12, "limit": 600}}
     ]
     status, ready = await get(api, "/readyz")

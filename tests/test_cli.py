@@ -76,7 +76,7 @@ async def test_analyze_a_folder_of_images(
         (["analyze", "{list}", "-o", "x.csv"], {"DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:{port}/x"}, 1, "cannot reach PostgreSQL"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "magic"], {}, 2, "analyzer must be one of"),
         (["analyze", "{list}", "-o", "x.csv", "--long-side", "5"], {}, 2, "long_side must be"),
-        (["analyze", "{list}", "-o", "x.csv", "--mode", "batch"], {}, 2, "mode batch (the Gemini Batch API) needs analyzer gemini"),
+        (["analyze", "{list}", "-o", "x.csv", "--mode", "batch"], {}, 2, "mode batch (a Batch API) needs analyzer gemini"),
     ],
 )  # fmt: skip
 async def test_bad_input_gets_one_line_and_an_exit_status(

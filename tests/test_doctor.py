@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from imagestream.analyzer.providers.gemini.keys import short_hash
+from imagestream.analyzer.keypool import short_hash
 from imagestream.cli import doctor
 from imagestream.devtools.gemini_server import EmulatorConfig, running_emulator
 

@@ -26,8 +26,9 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from imagestream.analyzer.service import Analyzer, AnalyzerSettings, create_providers
-from imagestream.common import control, ledger, messages, pricing, profiles, settings
+from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
+from imagestream.analyzer.service import Analyzer, AnalyzerSettings, create_providers, load_settings
+from imagestream.common import control, ledger, messages, pricing, profiles, providers
 from imagestream.common.connections import Resources, redis_client
 from imagestream.common.inputs import Row
 from imagestream.common.worker import Out
@@ -82,7 +83,7 @@ class Rig:
         return jpeg(index, self.salt)
 
     async def batch(self, images: Sequence[bytes], **fields: object) -> list[Item]:
-        choice = profiles.resolve_batch({"analyzer": "gemini", **fields})
+        choice = providers.resolve_batch({"analyzer": "gemini", **fields})
         batch_id = await ledger.create_batch(
             self.res.pool,
             ledger.NewBatch(
@@ -144,8 +145,7 @@ def result_of(outs: Sequence[Out]) -> messages.ItemResult:
 
 
 def analyzer_settings(base_url: str, prefix: str, **env: str) -> AnalyzerSettings:
-    return settings.load(
-        AnalyzerSettings,
+    return load_settings(
         {
             "REDIS_PREFIX": prefix,
             "GEMINI_API_KEYS": "key-a@proj-a,key-b@proj-b",
@@ -199,7 +199,7 @@ async def test_structured_output_parsed_validated_and_stored(rig: Rig) -> None:
     projects = ("proj-a", "proj-b")
     before = [metric("imagestream_gemini_cost_usd_total", project=p) for p in projects]
     results = await rig.run(items)
-    price = pricing.price_of(MODEL)
+    price = pricing.price_of(MODEL, gemini_pricing.PRICES)
     for result in results:
         assert result.status == "succeeded", result
         assert result.analyzer == "gemini" and result.model == MODEL and not result.cache_hit
@@ -285,7 +285,7 @@ async def test_revoked_key_is_quarantined_while_the_others_carry_on(
     config = emulator_config(
         key_projects={GOOD: "proj-a", REVOKED: "proj-b"}, revoked_keys={REVOKED}
     )
-    before = metric("imagestream_gemini_keys_quarantined_total")
+    before = metric("imagestream_provider_keys_quarantined_total", provider="gemini")
     caplog.set_level(logging.ERROR, logger="imagestream.analyzer")
     async with make_rig(res, config, GEMINI_API_KEYS=f"{GOOD}@proj-a,{REVOKED}@proj-b") as rig:
         # One at a time first (projects take turns), then many at once.
@@ -293,19 +293,19 @@ async def test_revoked_key_is_quarantined_while_the_others_carry_on(
         results = [*await rig.run(items[:1]), *await rig.run(items[1:2])]
         more = await rig.run(items[2:])
         log = rig.sent()
-        quarantined = await res.redis.hgetall(res.keys.gemini_quarantine)
+        quarantined = await res.redis.hgetall(res.keys.quarantine("gemini"))
         # What the dashboard's admin page shows of the keys.
         await rig.analyzer.providers["gemini"].publish_status()  # type: ignore[attr-defined]
         published = {
             k.decode(): orjson.loads(v)
-            for k, v in (await res.redis.hgetall(res.keys.gemini_status)).items()
+            for k, v in (await res.redis.hgetall(res.keys.key_status("gemini"))).items()
         }
     assert all(r.status == "succeeded" for r in [*results, *more])
     # One 403 for the revoked key, then never again; every image went through the good one.
     revoked = [e for e in log if e["key"] == REVOKED]
     assert len(revoked) == 1 and revoked[0]["status"] == 403
     assert sum(e["key"] == GOOD and e["status"] == 200 for e in log) == 12
-    assert metric("imagestream_gemini_keys_quarantined_total") == before + 1
+    assert metric("imagestream_provider_keys_quarantined_total", provider="gemini") == before + 1
     short = hashlib.sha256(REVOKED.encode()).hexdigest()[:8]
     assert list(quarantined) == [short.encode()]
     lines = [r.getMessage() for r in caplog.records if "quarantined" in r.getMessage()]
@@ -357,12 +357,12 @@ async def test_safety_block_is_a_blocked_result_not_a_retry(rig: Rig) -> None:
 
 
 async def test_fenced_json_is_repaired_without_another_call(rig: Rig) -> None:
-    before = metric("imagestream_gemini_repaired_total")
+    before = metric("imagestream_answers_repaired_total", provider="gemini")
     rig.emulator.queue_outcomes(["fenced_json"])
     (result,) = await rig.run(await rig.batch([rig.image(1)]))
     assert result.status == "succeeded" and result.analysis and result.analysis["caption"]
     assert len(rig.sent()) == 1
-    assert metric("imagestream_gemini_repaired_total") == before + 1
+    assert metric("imagestream_answers_repaired_total", provider="gemini") == before + 1
 
 
 async def test_invalid_json_fails_after_one_repair_and_its_cost_is_kept(rig: Rig) -> None:
@@ -386,8 +386,8 @@ async def test_invalid_json_fails_after_one_repair_and_its_cost_is_kept(rig: Rig
 # ------------------------------------------------------------------------------ budget
 async def test_budget_pauses_the_batch_before_it_is_exceeded(rig: Rig) -> None:
     budget = 0.0005
-    price = pricing.price_of(MODEL)
-    prompt_tokens = profiles.input_tokens(DESCRIBE, MODEL, 96, 72)  # with the schema's
+    price = pricing.price_of(MODEL, gemini_pricing.PRICES)
+    prompt_tokens = gemini_pricing.input_tokens(DESCRIBE, MODEL, 96, 72)  # with the schema's
     worst = pricing.cost_usd(
         price, input_tokens=math.ceil(prompt_tokens * 1.1) + 16, output_tokens=400
     )

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from imagestream.analyzer.budget import nano
+from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
 from imagestream.analyzer.providers.gemini.batch import ShuttingDown
 from imagestream.analyzer.providers.gemini.provider import GeminiProvider
 from imagestream.analyzer.service import Analyzer, create_providers
-from imagestream.common import control, ledger, messages, pricing, profiles, streams
+from imagestream.common import control, ledger, messages, pricing, profiles, providers, streams
 from imagestream.common.connections import Resources
 from imagestream.devtools import corpus
 from imagestream.devtools.gemini_server import running_emulator
@@ -68,7 +69,7 @@ async def collect_all(
     analyzer: Analyzer, res: Resources, expected: int
 ) -> list[messages.ItemResult]:
     """Poll until ``expected`` results are in the write stream; record them as the writer does."""
-    jobs = analyzer.batch_jobs
+    jobs = analyzer.deferred["gemini"]
     assert jobs is not None
 
     async def arrived() -> list[messages.ItemResult] | None:
@@ -122,7 +123,7 @@ async def test_items_go_through_one_job_at_half_price(res: Resources) -> None:
             assert await ledger.requeue_inflight(conn, res.keys.prefix, older_than_s=3600) == 0
         results = await collect_all(rig.analyzer, res, 3)
         assert {r.item_id for r in results} == {i.task.item_id for i in items}
-        price = pricing.price_of(MODEL)
+        price = pricing.price_of(MODEL, gemini_pricing.PRICES)
         for result in results:
             assert result.status == "succeeded" and result.model == MODEL, result
             assert result.analysis and result.analysis["caption"] and not result.cache_hit
@@ -140,7 +141,9 @@ async def test_items_go_through_one_job_at_half_price(res: Resources) -> None:
         assert float(batch["cost_usd"]) == pytest.approx(spent, abs=1e-8)
         assert billed_usd() - before == pytest.approx(spent)  # counted once, by project
         # Collected once: polling again sends nothing more.
-        assert rig.analyzer.batch_jobs and await rig.analyzer.batch_jobs.collect() == 0
+        assert (
+            rig.analyzer.deferred["gemini"] and await rig.analyzer.deferred["gemini"].collect() == 0
+        )
         # The answers are in the cache: the same images in a standard batch cost nothing.
         again = await rig.batch([rig.image(i) for i in range(3)])
         assert all(r.cache_hit and r.usage == messages.Usage() for r in await rig.run(again))
@@ -226,7 +229,7 @@ async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
     # One project (the limit is per project), one image per job.
     env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
     async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
-        jobs = rig.analyzer.batch_jobs
+        jobs = rig.analyzer.deferred["gemini"]
         assert jobs is not None
         items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
         handled = asyncio.gather(
@@ -305,8 +308,8 @@ async def test_cancelling_the_batch_cancels_its_running_job(res: Resources) -> N
         items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
         batch_id = items[0].task.batch_id
         await send(rig, items)
-        assert rig.analyzer.batch_jobs is not None
-        assert await rig.analyzer.batch_jobs.collect() == 0  # still pending at Google
+        assert rig.analyzer.deferred["gemini"] is not None
+        assert await rig.analyzer.deferred["gemini"].collect() == 0  # still pending at Google
         await control.cancel(res.redis, res.keys, res.pool, uuid.UUID(batch_id))
         results = await collect_all(rig.analyzer, res, 2)
         assert [(r.status, r.error_class) for r in results] == [("cancelled", "cancelled")] * 2
@@ -318,7 +321,7 @@ async def test_cancelling_the_batch_cancels_its_running_job(res: Resources) -> N
 
 async def test_stopping_sends_the_open_group_at_once(res: Resources) -> None:
     async with batch_rig(res, GEMINI_BATCH_LINGER_S="600") as rig:
-        jobs = rig.analyzer.batch_jobs
+        jobs = rig.analyzer.deferred["gemini"]
         assert jobs is not None
         items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
         handled = asyncio.gather(*(rig.analyzer.handle(i.task) for i in items))
@@ -400,7 +403,7 @@ async def test_the_running_pipeline_finishes_a_batch_mode_batch(res: Resources) 
                 "STALE_AFTER_S": "3",
             }
             async with running(res, **env):
-                choice = profiles.resolve_batch({"analyzer": "gemini", "mode": "batch"})
+                choice = providers.resolve_batch({"analyzer": "gemini", "mode": "batch"})
                 batch_id = await submit(
                     res,
                     [server.url(p) for p in server.routes],
@@ -429,10 +432,10 @@ async def test_the_running_pipeline_finishes_a_batch_mode_batch(res: Resources) 
 
 
 def test_mode_is_checked_when_the_batch_is_made() -> None:
-    chosen = profiles.resolve_batch({"analyzer": "gemini", "mode": "batch"})
+    chosen = providers.resolve_batch({"analyzer": "gemini", "mode": "batch"})
     assert chosen.options == {"mode": "batch"}
-    assert profiles.resolve_batch({"analyzer": "gemini", "mode": "standard"}).options == {}
+    assert providers.resolve_batch({"analyzer": "gemini", "mode": "standard"}).options == {}
     with pytest.raises(profiles.ProfileError, match="needs analyzer gemini"):
-        profiles.resolve_batch({"analyzer": "local", "mode": "batch"})
+        providers.resolve_batch({"analyzer": "local", "mode": "batch"})
     with pytest.raises(profiles.ProfileError, match="mode must be one of standard, batch"):
-        profiles.resolve_batch({"analyzer": "gemini", "mode": "cheap"})
+        providers.resolve_batch({"analyzer": "gemini", "mode": "cheap"})

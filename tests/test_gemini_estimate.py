@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
 from imagestream.cli import estimate
 from imagestream.common import pricing, profiles
 from imagestream.devtools.gemini_server import EmulatorConfig, running_emulator
@@ -56,7 +57,9 @@ async def test_a_url_list_is_counted_sampled_and_priced_by_the_rules(tmp_path: P
     assert e.model == "gemini-2.5-flash-lite" and e.input_tokens_per_image == per_image
     expected = describe.profile.expected_output_tokens or 0
     one = pricing.cost_usd(
-        pricing.price_of(e.model), input_tokens=per_image, output_tokens=expected
+        pricing.price_of(e.model, gemini_pricing.PRICES),
+        input_tokens=per_image,
+        output_tokens=expected,
     )
     assert e.cost_usd == pytest.approx(31 * one)
     assert e.batch_cost_usd == pytest.approx(e.cost_usd / 2)
@@ -95,9 +98,11 @@ async def test_count_tokens_endpoint_counts_what_would_be_sent(tmp_path: Path) -
     assert report.counted_by == "Gemini's countTokens" and len(counted) == 3
     # The analysis images are at most 768 px on their long side (the fetcher's default).
     sizes = [(300, 200), (768, 576), (269, 768)]
-    tiles = profiles.cached_catalog(str(profiles_dir), None).profile("tiles")
+    tiles = profiles.cached_catalog(str(profiles_dir)).profile("tiles")
     prompt = pricing.text_tokens(describe["prompt"]) + tiles.schema_tokens
-    expected = [pricing.image_tokens(w, h, "gemini-2.5-flash", None) + prompt for w, h in sizes]
+    expected = [
+        gemini_pricing.image_tokens(w, h, "gemini-2.5-flash", None) + prompt for w, h in sizes
+    ]
     assert report.estimate.input_tokens_per_image == pytest.approx(sum(expected) / 3)
     assert report.estimate.minutes == pytest.approx(3 / 600)
 

@@ -10,10 +10,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from imagestream.analyzer.answers import InvalidOutput, repair
+from imagestream.analyzer.answers import parse as parse_answer
+from imagestream.analyzer.keypool import parse_keys
 from imagestream.analyzer.limiter import QuotaLimits
-from imagestream.analyzer.providers.gemini.keys import parse_keys
-from imagestream.analyzer.providers.gemini.reply import InvalidOutput, parse, repair
-from imagestream.analyzer.service import AnalyzerSettings
+from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
+from imagestream.analyzer.service import load_settings
 from imagestream.common import pricing, profiles, settings
 from imagestream.devtools import gemini_tokens
 
@@ -105,13 +107,13 @@ def test_profile_key_follows_what_changes_the_answer(tmp_path: Path) -> None:
 def test_a_user_profile_replaces_a_shipped_one(tmp_path: Path) -> None:
     write_profile(tmp_path, "describe", model="gemini-2.5-flash")
     catalog = profiles.load_catalog(str(tmp_path))
-    chosen, model = catalog.choose("describe", None)
+    chosen, model = catalog.choose("describe", None, gemini_pricing.PRICES)
     assert model == "gemini-2.5-flash" and "colors.primary" in chosen.columns
 
 
 # ------------------------------------------------------------------------------ prices
 def test_cost_arithmetic() -> None:
-    lite = pricing.price_of("gemini-2.5-flash-lite")
+    lite = pricing.price_of("gemini-2.5-flash-lite", gemini_pricing.PRICES)
     # 1M input at $0.10 + 1M output at $0.40.
     assert pricing.cost_usd(lite, input_tokens=10**6, output_tokens=10**6) == pytest.approx(0.5)
     assert pricing.cost_usd(
@@ -121,13 +123,13 @@ def test_cost_arithmetic() -> None:
     assert pricing.cost_usd(
         lite, input_tokens=10**6, output_tokens=0, cached_tokens=10**6
     ) == pytest.approx(0.01)
-    pro = pricing.price_of("gemini-2.5-pro")
+    pro = pricing.price_of("gemini-2.5-pro", gemini_pricing.PRICES)
     assert pricing.cost_usd(pro, input_tokens=300_000, output_tokens=0) == pytest.approx(0.75)
     # The describe profile as shipped: its expected answer stays under $0.10 per 1,000 images.
     describe = profiles.load_catalog().profile("describe")
     per_image = pricing.cost_usd(
         lite,
-        input_tokens=profiles.input_tokens(describe, "gemini-2.5-flash-lite", 768, 576),
+        input_tokens=gemini_pricing.input_tokens(describe, "gemini-2.5-flash-lite", 768, 576),
         output_tokens=describe.profile.expected_output_tokens or 0,
     )
     assert 0.05 < per_image * 1000 < 0.10
@@ -135,23 +137,26 @@ def test_cost_arithmetic() -> None:
 
 def test_price_lookup_and_override(tmp_path: Path) -> None:
     assert (
-        pricing.find_price("models/gemini-2.5-flash-lite-preview-09-2025")
-        == pricing.PRICES["gemini-2.5-flash-lite"]
+        pricing.find_price("models/gemini-2.5-flash-lite-preview-09-2025", gemini_pricing.PRICES)
+        == gemini_pricing.PRICES["gemini-2.5-flash-lite"]
     )
-    assert pricing.find_price("gemini-2.5-flash-001") == pricing.PRICES["gemini-2.5-flash"]
-    assert pricing.find_price("gpt-4o") is None
-    promo = pricing.find_price("gemini-3.8-flash", on=dt.date(2026, 12, 31))
-    later = pricing.find_price("gemini-3.8-flash", on=dt.date(2027, 1, 1))
+    assert (
+        pricing.find_price("gemini-2.5-flash-001", gemini_pricing.PRICES)
+        == gemini_pricing.PRICES["gemini-2.5-flash"]
+    )
+    assert pricing.find_price("gpt-4o", gemini_pricing.PRICES) is None
+    promo = pricing.find_price("gemini-3.8-flash", gemini_pricing.PRICES, on=dt.date(2026, 12, 31))
+    later = pricing.find_price("gemini-3.8-flash", gemini_pricing.PRICES, on=dt.date(2027, 1, 1))
     assert promo is not None and later is not None and (promo.input, later.input) == (0.75, 1.5)
     path = tmp_path / "prices.json"
     path.write_text(json.dumps({"gemini-2.5-flash": {"input": 0.2, "output": 2}, "m-x": {
         "input": 1, "output": 1}}))  # fmt: skip
-    table = pricing.load_prices(path)
+    table = gemini_pricing.load_prices(str(path))
     assert table["gemini-2.5-flash"].input == 0.2 and "m-x" in table
-    assert table["gemini-2.5-pro"] == pricing.PRICES["gemini-2.5-pro"]
+    assert table["gemini-2.5-pro"] == gemini_pricing.PRICES["gemini-2.5-pro"]
     path.write_text(json.dumps({"m": {"inputs": 1}}))
     with pytest.raises(pricing.PriceError, match="GEMINI_PRICES_FILE"):
-        pricing.load_prices(path)
+        gemini_pricing.load_prices(str(path))
 
 
 @pytest.mark.parametrize("model", ["gemini-2.5-flash-lite", "gemini-3-pro-preview"])
@@ -160,7 +165,7 @@ def test_image_token_rules_agree_with_the_emulators_own(model: str, media: Any) 
     """Two implementations of Google's published rules, written apart, give the same counts."""
     setting = f"MEDIA_RESOLUTION_{media.upper()}" if media else None
     for width, height in [(64, 48), (384, 384), (385, 100), (768, 576), (1000, 3000), (6000, 400)]:
-        ours = pricing.image_tokens(width, height, model, media)
+        ours = gemini_pricing.image_tokens(width, height, model, media)
         theirs = gemini_tokens.image_tokens(width, height, model=model, media_resolution=setting)
         assert ours == theirs, (width, height)
 
@@ -176,9 +181,9 @@ def test_repair_cuts_fences_and_prose_only() -> None:
     answer = {k: "none" for k in compiled.columns[:8]} | {
         "minors_present": False, "flagged": False, "reason": "",
     }  # fmt: skip
-    assert parse(f"```\n{json.dumps(answer)}\n```", compiled)["flagged"] is False
+    assert parse_answer(f"```\n{json.dumps(answer)}\n```", compiled, "gemini")["flagged"] is False
     with pytest.raises(InvalidOutput, match="does not match profile moderation"):
-        parse(json.dumps({**answer, "violence": "extreme"}), compiled)
+        parse_answer(json.dumps({**answer, "violence": "extreme"}), compiled, "gemini")
 
 
 # ------------------------------------------------------------------------------ settings
@@ -205,5 +210,5 @@ def test_keys_group_by_project_with_limits() -> None:
 )
 def test_bad_gemini_settings_stop_with_one_line(env: dict[str, str], message: str) -> None:
     with pytest.raises(settings.SettingsError, match=message) as caught:
-        settings.load(AnalyzerSettings, env)
+        load_settings(env)
     assert "SECRET" not in str(caught.value) and "\n" not in str(caught.value)

@@ -48,7 +48,7 @@ QUIET_COUNTERS = {
     "stayed in flight past STALE_AFTER_S",
     "imagestream_gemini_thought_tokens_total": "the default profile turns thinking off",
     "imagestream_gemini_cached_tokens_total": "Gemini caches only long repeated prompts",
-    "imagestream_gemini_keys_quarantined_total": "moves only when a key answers 401/403",
+    "imagestream_provider_keys_quarantined_total": "moves only when a key answers 401/403",
 }
 #: Series Prometheus makes itself.
 BUILTIN = {"up"}

@@ -1,37 +1,32 @@
 """``imagestream doctor``: is this machine ready to run imagestream? (the old ``--health-check``)
 
-Checks Redis, PostgreSQL, the schema migrations, each Gemini key (one ``models.get`` call:
-no tokens, no quota spent) and the free disk of the temporary and state folders, then
-prints one row per check. The exit status is 0 only when every required check passed;
-a check that cannot run (no key configured, PostgreSQL down for the migrations check)
-says why and does not count. No check raises: every failure is a row.
+Checks Redis, PostgreSQL, the schema migrations, each provider's keys (the provider's own
+check, e.g. one Gemini ``models.get`` call: no tokens, no quota spent) and the free disk of
+the temporary and state folders, then prints one row per check. The exit status is 0 only
+when every required check passed; a check that cannot run (no key configured, PostgreSQL
+down for the migrations check) says why and does not count. No check raises: every failure is a row.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 import asyncpg
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from imagestream.analyzer.providers.gemini.keys import KeySpec, make_client
-from imagestream.analyzer.providers.gemini.provider import GeminiSettings
-from imagestream.common import db, settings
+from imagestream.common import db, providers, settings
 from imagestream.common.connections import redact
-
-Status = Literal["ok", "warn", "fail", "skip"]
+from imagestream.common.providers import CHECK_TIMEOUT_S as TIMEOUT_S
+from imagestream.common.providers import Check, CheckStatus, failure_reason, guarded
 
 #: Oldest servers the pipeline runs on: XAUTOCLAIM (Redis 6.2), gen_random_uuid() (PostgreSQL 13).
 MIN_REDIS = (6, 2)
@@ -39,40 +34,6 @@ MIN_POSTGRES = 130000
 #: Below either, a disk check fails; below twice either, it warns.
 MIN_FREE_BYTES = 1 << 30
 MIN_FREE_SHARE = 0.05
-TIMEOUT_S = 10.0
-#: aiohttp's connection errors print the SSL context object: noise in a row.
-_SSL_REPR = re.compile(r" ssl:<[^>]*>")
-
-
-class DoctorSettings(GeminiSettings, kw_only=True, frozen=True):
-    """The analyzer's settings (Gemini keys, endpoint), plus the model the key check reads."""
-
-    #: Default: the model of the default analysis profile.
-    gemini_model: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    name: str
-    status: Status
-    detail: str
-    #: A failed required check makes the exit status non-zero.
-    required: bool = True
-
-
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return _SSL_REPR.sub("", text)[:300]
-
-
-async def _guard(name: str, probe: Callable[[], Awaitable[Check]]) -> Check:
-    """Run a probe; whatever it raises becomes a failed row."""
-    try:
-        return await asyncio.wait_for(probe(), timeout=TIMEOUT_S + 5)
-    except TimeoutError:
-        return Check(name, "fail", f"no answer within {TIMEOUT_S + 5:.0f} s")
-    except Exception as exc:
-        return Check(name, "fail", _reason(exc))
 
 
 # ---------------------------------------------------------------- checks
@@ -94,7 +55,7 @@ async def check_redis(url: str | None) -> Check:
         info = await client.info("server")
         version = str(info.get("redis_version", "0"))
         notes = [f"Redis {version}", f"{rtt_ms:.1f} ms"]
-        status: Status = "ok"
+        status: CheckStatus = "ok"
         if tuple(int(p) for p in version.split(".")[:2]) < MIN_REDIS:
             return Check("redis", "fail", f"Redis {version}: 6.2 or newer is needed (XAUTOCLAIM)")
         try:
@@ -108,7 +69,7 @@ async def check_redis(url: str | None) -> Check:
                 notes.append("(use noeviction: evicted stream entries are re-driven late)")
         return Check("redis", status, f"{redact(url)}: " + ", ".join(notes))
     except Exception as exc:
-        return Check("redis", "fail", f"cannot reach {redact(url)}: {_reason(exc)}")
+        return Check("redis", "fail", f"cannot reach {redact(url)}: {failure_reason(exc)}")
     finally:
         await client.aclose()
 
@@ -126,7 +87,7 @@ async def check_postgres(dsn: str | None) -> tuple[Check, Check]:
         conn = await asyncpg.connect(dsn, timeout=5, command_timeout=TIMEOUT_S)
     except Exception as exc:
         return (
-            Check("postgresql", "fail", f"cannot reach {redact(dsn)}: {_reason(exc)}"),
+            Check("postgresql", "fail", f"cannot reach {redact(dsn)}: {failure_reason(exc)}"),
             Check("migrations", "skip", "needs PostgreSQL", required=False),
         )
     try:
@@ -154,33 +115,6 @@ async def check_postgres(dsn: str | None) -> tuple[Check, Check]:
         await conn.close()
 
 
-async def check_gemini_key(key: KeySpec, config: DoctorSettings, model: str) -> Check:
-    name = f"gemini key {key.short} ({key.project})"
-    client = make_client(
-        key.secret,
-        base_url=config.gemini_base_url,
-        api_version=config.gemini_api_version,
-        timeout_s=TIMEOUT_S,
-    )
-    try:
-        started = time.perf_counter()
-        found = await client.aio.models.get(model=model)
-        rtt_ms = 1000 * (time.perf_counter() - started)
-        return Check(name, "ok", f"{found.name or model} answered in {rtt_ms:.0f} ms")
-    except Exception as exc:
-        code = getattr(exc, "code", None)
-        hint = {
-            400: "the key or the request was refused",
-            401: "the key is not valid",
-            403: "the key is not allowed (revoked, or the API is not enabled for its project)",
-            404: f"no model {model!r} (set GEMINI_MODEL)",
-            429: "the key is out of quota now",
-        }.get(code if isinstance(code, int) else 0)
-        return Check(name, "fail", f"{hint}: {_reason(exc)}" if hint else _reason(exc))
-    finally:
-        await client.aio.aclose()
-
-
 def check_disk(label: str, path: Path) -> Check:
     # The nearest folder that exists: the doctor creates nothing.
     probe = path
@@ -204,37 +138,28 @@ def state_path(env: Mapping[str, str]) -> Path:
     return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "imagestream"
 
 
-async def run_checks(config: DoctorSettings, env: Mapping[str, str]) -> list[Check]:
+async def run_checks(config: settings.CommonSettings, env: Mapping[str, str]) -> list[Check]:
     async def postgres_pair() -> tuple[Check, Check]:
         try:
             return await asyncio.wait_for(check_postgres(config.database_url), TIMEOUT_S + 5)
         except Exception as exc:
-            failed = Check("postgresql", "fail", _reason(exc))
+            failed = Check("postgresql", "fail", failure_reason(exc))
             return failed, Check("migrations", "skip", "needs PostgreSQL", required=False)
 
-    keys, _ = config.key_specs()
-    model = config.gemini_model or config.catalog().choose(None, None)[1]
+    async def provider_rows(spec: providers.ProviderSpec) -> list[Check]:
+        try:
+            return await spec.doctor(env)
+        except Exception as exc:  # a bad setting of that provider: its row says which
+            return [Check(spec.name, "fail", failure_reason(exc))]
 
-    def key_probe(key: KeySpec) -> Callable[[], Awaitable[Check]]:
-        return lambda: check_gemini_key(key, config, model)
-
-    redis_check, (pg_check, migrations_check), key_checks = await asyncio.gather(
-        _guard("redis", lambda: check_redis(config.redis_url)),
+    redis_check, (pg_check, migrations_check), provider_checks = await asyncio.gather(
+        guarded("redis", lambda: check_redis(config.redis_url)),
         postgres_pair(),
-        asyncio.gather(*[_guard(f"gemini key {key.short}", key_probe(key)) for key in keys]),
+        asyncio.gather(*[provider_rows(spec) for spec in providers.registry().values()]),
     )
     checks = [redis_check, pg_check, migrations_check]
-    if key_checks:
-        checks += key_checks
-    else:
-        checks.append(
-            Check(
-                "gemini",
-                "skip",
-                "no GEMINI_API_KEYS: the local analyzer needs no key",
-                required=False,
-            )
-        )
+    for rows in provider_checks:
+        checks += rows
     checks.append(check_disk("temp", Path(tempfile.gettempdir())))
     checks.append(check_disk("state", state_path(env)))
     return checks
@@ -263,7 +188,7 @@ def exit_code(checks: list[Check]) -> int:
 
 
 def doctor(env: dict[str, str]) -> int:
-    config = settings.load(DoctorSettings, env)
+    config = settings.load(settings.CommonSettings, env)
     checks = asyncio.run(run_checks(config, env))
     colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     print(render(checks, colour))

@@ -1,38 +1,29 @@
-"""``imagestream estimate``: what a Gemini batch will cost and how long it will take, first.
+"""``imagestream estimate``: what a batch will cost and how long it will take, first.
 
 It reads the whole list (or folder) to count the images, draws a random sample, makes each
 sampled image exactly as the fetcher would (download through the same address guard,
-downscale to the analysis size) and counts its input tokens: with Gemini's countTokens
-endpoint when keys are configured (the image and the prompt when the profile leaves the
-media resolution to Google; the prompt alone otherwise, as countTokens cannot be told a
-media resolution and the image's tokens are then fixed by the rules), else by Google's
-published rules. Output tokens cannot be counted before the model answers: the profile's
-``expected_output_tokens`` stands for them, its cap bounds them. Duration is at the
-configured quota of all projects together.
+downscale to the analysis size) and hands them to the analyzer's provider, which counts
+their input tokens its own way (Gemini: countTokens, or Google's published rules) and
+prices the batch. Output tokens cannot be counted before the model answers: the profile's
+``expected_output_tokens`` stands for them, its cap bounds them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import random
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
-from google.genai import errors, types
-from PIL import Image
 
-from imagestream.analyzer.providers.gemini.keys import make_client
-from imagestream.analyzer.providers.gemini.provider import GeminiProvider
-from imagestream.analyzer.service import AnalyzerSettings
-from imagestream.common import pricing, profiles, settings
+from imagestream.common import pricing, profiles, providers, settings
 from imagestream.common.errors import ItemError
 from imagestream.common.inputs import InputError, ListParser, Row
+from imagestream.common.providers import EstimateRequest
 from imagestream.fetcher.loader import ImageLoader
 from imagestream.fetcher.settings import FetcherSettings
 
@@ -90,75 +81,28 @@ async def read_sample(source: Path, size: int, *, folder: bool, seed: int = 0) -
     return Sample(total, chosen)
 
 
-async def _count_online(
-    config: AnalyzerSettings, compiled: profiles.CompiledProfile, model: str, images: list[bytes]
-) -> list[int]:
-    secret = config.gemini_api_keys[0].partition("@")[0]
-    client = make_client(
-        secret,
-        base_url=config.gemini_base_url,
-        api_version=config.gemini_api_version,
-        timeout_s=config.gemini_timeout_s,
-    )
-    prompt = compiled.profile.prompt
-    # countTokens takes no generation config in the Gemini API: the response schema is
-    # counted by the rules, and so is the image when the profile fixes its resolution.
-    schema = compiled.schema_tokens
-    counts = []
-    try:
-        if compiled.profile.media_resolution is not None:
-            only_text: list[Any] = [prompt]
-            text = await client.aio.models.count_tokens(model=model, contents=only_text)
-            for data in images:
-                width, height = _size(data)
-                image = pricing.image_tokens(
-                    width, height, model, compiled.profile.media_resolution
-                )
-                counts.append(image + (text.total_tokens or 0) + schema)
-        else:
-            for data in images:
-                contents: list[Any] = [
-                    types.Part.from_bytes(data=data, mime_type=_mime(data)),
-                    prompt,
-                ]
-                reply = await client.aio.models.count_tokens(model=model, contents=contents)
-                counts.append((reply.total_tokens or 0) + schema)
-    except errors.APIError as exc:
-        raise UsageError(f"Gemini's countTokens failed ({exc.code} {exc.status}); "
-                         "try --offline") from None  # fmt: skip
-    finally:
-        await client.aio.aclose()
-    return counts
-
-
-def _size(data: bytes) -> tuple[int, int]:
-    with Image.open(io.BytesIO(data)) as img:
-        return img.size
-
-
-def _mime(data: bytes) -> str:
-    return "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
-
-
 async def estimate(
     env: Mapping[str, str],
     source: Path,
     *,
+    analyzer: str = "gemini",
     profile: str | None,
     model: str | None,
     sample_size: int = 20,
     offline: bool = False,
 ) -> Report:
+    try:
+        spec = providers.get(analyzer)
+    except profiles.ProfileError as exc:
+        raise UsageError(str(exc)) from None
     if not await asyncio.to_thread(source.exists):
         raise UsageError(f"{source} does not exist")
     folder = await asyncio.to_thread(source.is_dir)
-    config = settings.load(AnalyzerSettings, env)
     fetch_config = settings.load(FetcherSettings, env)
     if folder:
         fetch_config = msgspec.structs.replace(fetch_config, fetch_allow_file=True)
-    catalog = config.catalog()
-    try:
-        compiled, model_name = catalog.choose(profile, model)
+    try:  # the profile and model first: a wrong name is said before any download
+        spec.choose(profile, model, env)
     except profiles.ProfileError as exc:
         raise UsageError(str(exc)) from None
     sample = await read_sample(source, sample_size, folder=folder)
@@ -179,29 +123,18 @@ async def estimate(
     finally:
         await loader.close()
     images = [data for data in loaded if data is not None]
-    if images and config.gemini_api_keys and not offline:
-        counts = await _count_online(config, compiled, model_name, images)
-        counted_by = "Gemini's countTokens"
-    else:
-        counts = [profiles.input_tokens(compiled, model_name, *_size(d)) for d in images]
-        counted_by = "Google's published token rules"
-    # Without keys: what one project at the default quota would take.
-    rpm = GeminiProvider.quota_rpm(config) if config.gemini_api_keys else config.gemini_rpm
-    result = profiles.estimate_batch(
-        catalog,
-        compiled,
-        model_name,
-        images=sample.total,
-        requests_per_minute=float(rpm),
-        input_tokens_per_image=statistics.fmean(counts) if counts else None,
-    )
+    request = EstimateRequest(profile, model, sample.total, images, offline)
+    try:
+        made = await spec.estimate(env, request)
+    except profiles.ProfileError as exc:
+        raise UsageError(str(exc)) from None
     return Report(
-        estimate=result,
-        profile=compiled.name,
+        estimate=made.estimate,
+        profile=made.profile,
         sampled=len(images),
         unusable=len(sample.urls) - len(images),
-        counted_by=counted_by if images else "the rules, at the default analysis size",
-        keys=len(config.gemini_api_keys),
+        counted_by=made.counted_by,
+        keys=made.keys,
     )
 
 
@@ -242,7 +175,7 @@ def render(report: Report) -> str:
             line += f" (the old system: {_duration(old)} at 60 images/min per key)"
         lines.append(line)
     else:
-        lines.append("  duration                 unbounded quota: as fast as Gemini answers")
+        lines.append("  duration                 unbounded quota: as fast as the model answers")
     lines.append("  (cache hits and duplicate images cost nothing and are not deducted here)")
     return "\n".join(lines)
 

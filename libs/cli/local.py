@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imagestream.common import export, ledger, pricing, profiles, tokens
+from imagestream.common import export, ledger, pricing, profiles, providers, tokens
 from imagestream.common.connections import Resources
 from imagestream.common.inputs import InputError
 from imagestream.common.keys import Keys
@@ -101,7 +101,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
         raise UsageError(f"{source} does not exist")
     sink = _check_output(options.output)
     try:
-        choice = profiles.resolve_batch(
+        choice = providers.resolve_batch(
             {
                 "analyzer": options.analyzer,
                 "profile": options.profile,
@@ -111,7 +111,8 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
                 "long_side": options.long_side,
                 "mode": options.mode,
             },
-            catalog=profiles.default_catalog(env),
+            env=env,
+            require_configured=True,
         )
     except profiles.ProfileError as exc:
         raise UsageError(str(exc)) from None
@@ -238,7 +239,7 @@ def summary(report: RunReport) -> str:
         )
     if b["duplicates"] or b["invalid"]:
         lines.append(f"  duplicate URLs dropped: {b['duplicates']}, invalid rows: {b['invalid']}")
-    if b["analyzer"] == "gemini":
+    if b["model"]:  # a model provider: what its tokens cost
         budget = b["budget_usd"]
         of_budget = f" of a {pricing.format_usd(budget)} budget" if budget is not None else ""
         lines.append(

@@ -64,9 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser(
-        "estimate", help="expected Gemini tokens, cost and duration of a list, before running it"
+        "estimate", help="expected tokens, cost and duration of a list, before running it"
     )
     p.add_argument("input", type=Path, help="a CSV, TXT or JSONL list of URLs, or a folder")
+    p.add_argument("--analyzer", default="gemini", help="the provider to price (gemini)")
     p.add_argument("--profile", help="analysis profile (default: describe)")
     p.add_argument("--model", help="model (default: the profile's)")
     p.add_argument("--sample", type=int, default=20, help="images to fetch and count (20)")
@@ -182,6 +183,7 @@ def cmd_estimate(args: argparse.Namespace, env: dict[str, str]) -> int:
         lambda stop: estimate.estimate(
             env,
             args.input,
+            analyzer=args.analyzer,
             profile=args.profile,
             model=args.model,
             sample_size=args.sample,
@@ -214,7 +216,7 @@ def cmd_up(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, env: dict[str, str]) -> int:
-    config = settings.load(pipeline.STAGES[args.stage].settings, env)
+    config = pipeline.STAGES[args.stage].load(env)
     _run(lambda stop: pipeline.serve(args.stage, config, stop))
     return 0
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -31,24 +32,26 @@ Runner = Callable[[Resources, Any, asyncio.Event], Coroutine[Any, Any, None]]
 
 @dataclass(frozen=True)
 class Stage:
-    settings: type[settings.CommonSettings]
+    #: The stage's settings from the environment (settings.SettingsError when invalid).
+    load: Callable[[Mapping[str, str]], Any]
     run: Runner
     metrics_port: int
 
 
 STAGES: dict[str, Stage] = {
-    "ingest": Stage(ingest.IngestSettings, ingest.run, 9101),
-    "fetcher": Stage(fetcher.FetcherSettings, fetcher.run, 9102),
-    "analyzer": Stage(analyzer.AnalyzerSettings, analyzer.run, 9103),
-    "writer": Stage(writer.WriterSettings, writer.run, 9104),
-    "api": Stage(api.ApiSettings, api.run, -1),
+    "ingest": Stage(partial(settings.load, ingest.IngestSettings), ingest.run, 9101),
+    "fetcher": Stage(partial(settings.load, fetcher.FetcherSettings), fetcher.run, 9102),
+    # The analyzer's settings include those of every registered provider.
+    "analyzer": Stage(analyzer.load_settings, analyzer.run, 9103),
+    "writer": Stage(partial(settings.load, writer.WriterSettings), writer.run, 9104),
+    "api": Stage(partial(settings.load, api.ApiSettings), api.run, -1),
 }
 PIPELINE = ("ingest", "fetcher", "analyzer", "writer")
 
 
 def load_all(env: Mapping[str, str], names: tuple[str, ...]) -> dict[str, Any]:
     """Every stage's settings, checked before anything starts."""
-    return {name: settings.load(STAGES[name].settings, env) for name in names}
+    return {name: STAGES[name].load(env) for name in names}
 
 
 @contextlib.asynccontextmanager

@@ -16,15 +16,15 @@ Key layout (``{p}`` is the prefix, setting ``REDIS_PREFIX``, default ``is``)::
                             string  single-flight lease: the one analyzer replica analyzing this
                                     content; the others wait for its analysis_cache row
     {p}:budget:{batch id}   hash    spent / reserved nano-USD of a batch with a budget
-    {p}:gemini:quarantine   hash    short hash of a rejected (401/403) key -> reason; TTL
-    {p}:gemini:q:{project}:{model}:rate     zset    requests admitted in the quota window
-                                                    (member "id|tokens", score ms)
-    {p}:gemini:q:{project}:{model}:tokens   string  input tokens of those requests (TPM)
-    {p}:gemini:q:{project}:{model}:pace     string  next evenly-spaced send time, ms (GCRA)
-    {p}:gemini:q:{project}:{model}:day:{d}  string  requests of Pacific day d (RPD), TTL 2 days
-    {p}:gemini:q:{project}:{model}:backoff  string  exists while a 429's retryDelay runs (PX)
+    {p}:{provider}:quarantine   hash  short hash of a rejected (401/403) key -> reason; TTL
+    {p}:{provider}:q:{project}:{model}:rate     zset    requests admitted in the quota window
+                                                        (member "id|tokens", score ms)
+    {p}:{provider}:q:{project}:{model}:tokens   string  input tokens of those requests (TPM)
+    {p}:{provider}:q:{project}:{model}:pace     string  next evenly-spaced send time, ms (GCRA)
+    {p}:{provider}:q:{project}:{model}:day:{d}  string  requests of Pacific day d (RPD), TTL 2 d
+    {p}:{provider}:q:{project}:{model}:backoff  string  exists while a 429's retry delay runs (PX)
     {p}:observe:lease       string  short lease: one process collects the deployment-wide gauges
-    {p}:gemini:status       hash    key short hash -> JSON status of that API key (project,
+    {p}:{provider}:status   hash    key short hash -> JSON status of that API key (project,
                                     state, quota used/limits), published by analyzers, shown
                                     by the api's system status (see docs/API.md)
     {p}:download:{ticket}   string  a one-time export link of the dashboard (JSON), TTL 60 s
@@ -101,21 +101,20 @@ class Keys:
     def budget(self, batch_id: str) -> str:
         return f"{self.prefix}:budget:{batch_id}"
 
-    @property
-    def gemini_quarantine(self) -> str:
-        return f"{self.prefix}:gemini:quarantine"
+    def quarantine(self, provider: str) -> str:
+        return f"{self.prefix}:{provider}:quarantine"
 
-    def gemini_quota(self, project: str, model: str) -> str:
-        """Base of the quota keys of one (project, model): append ``:rate``, ``:tokens``..."""
-        return f"{self.prefix}:gemini:q:{project}:{model}"
+    def quota(self, provider: str, project: str, model: str) -> str:
+        """Base of the quota keys of one (provider, project or endpoint, model): append
+        ``:rate``, ``:tokens``..."""
+        return f"{self.prefix}:{provider}:q:{project}:{model}"
 
     @property
     def observe_lease(self) -> str:
         return f"{self.prefix}:observe:lease"
 
-    @property
-    def gemini_status(self) -> str:
-        return f"{self.prefix}:gemini:status"
+    def key_status(self, provider: str) -> str:
+        return f"{self.prefix}:{provider}:status"
 
     def download(self, ticket: str) -> str:
         return f"{self.prefix}:download:{ticket}"

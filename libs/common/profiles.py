@@ -31,7 +31,6 @@ import functools
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,11 +41,10 @@ import orjson
 from . import pricing
 from .settings import environment
 
-ANALYZERS = ("local", "gemini")
 DEFAULT_PROFILE = "describe"
-MAX_BUDGET_USD = 1_000_000
 #: Columns every Gemini result has after the profile's own.
 BLOCK_COLUMNS = ("blocked", "block_reason")
+MediaResolution = Literal["low", "medium", "high"]
 SafetyThreshold = Literal[
     "BLOCK_NONE", "OFF", "BLOCK_ONLY_HIGH", "BLOCK_MEDIUM_AND_ABOVE", "BLOCK_LOW_AND_ABOVE"
 ]
@@ -65,7 +63,7 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     #: Model used when the batch names none.
     model: str = "gemini-2.5-flash-lite"
     #: Image detail: low/medium/high (Gemini 2.x: 64/256/256 tokens; unset: by size).
-    media_resolution: pricing.MediaResolution | None = None
+    media_resolution: MediaResolution | None = None
     #: 0 switches thinking off (2.5 Flash/Flash-Lite), -1 lets the model decide, None = model
     #: default. Thinking tokens are billed as output.
     thinking_budget: int | None = 0
@@ -270,7 +268,6 @@ def _without_ordering(schema: Any) -> Any:
 @dataclass(frozen=True)
 class Catalog:
     profiles: Mapping[str, CompiledProfile]
-    prices: Mapping[str, pricing.Price]
 
     def profile(self, name: str) -> CompiledProfile:
         found = self.profiles.get(name)
@@ -280,12 +277,15 @@ class Catalog:
             )
         return found
 
-    def choose(self, profile: str | None, model: str | None) -> tuple[CompiledProfile, str]:
-        """The batch's profile and model (the profile's when none is named), checked."""
+    def choose(
+        self, profile: str | None, model: str | None, prices: Mapping[str, pricing.Price]
+    ) -> tuple[CompiledProfile, str]:
+        """The batch's profile and model (the profile's when none is named), checked
+        against the provider's price table (a model without a price is refused)."""
         chosen = self.profile(profile or DEFAULT_PROFILE)
         name = (model or chosen.profile.model).strip()
         try:
-            pricing.price_of(name, self.prices)
+            pricing.price_of(name, prices)
         except pricing.PriceError as exc:
             raise ProfileError(str(exc)) from None
         return chosen, name
@@ -303,8 +303,8 @@ def _read_profile(path: Path | Any) -> CompiledProfile:
         raise ProfileError(f"profile {path.name}: {exc}") from None
 
 
-def load_catalog(profiles_dir: str | None = None, prices_file: str | None = None) -> Catalog:
-    """The shipped profiles, those of ``profiles_dir`` over them, and the price table."""
+def load_catalog(profiles_dir: str | None = None) -> Catalog:
+    """The shipped profiles and those of ``profiles_dir`` over them."""
     found: dict[str, CompiledProfile] = {}
     shipped = resources.files("imagestream.common").joinpath("profile_files")
     for entry in sorted(shipped.iterdir(), key=lambda e: e.name):
@@ -318,144 +318,16 @@ def load_catalog(profiles_dir: str | None = None, prices_file: str | None = None
         for path in sorted(folder.glob("*.json")):
             compiled = _read_profile(path)
             found[compiled.name] = compiled
-    try:
-        prices = pricing.load_prices(prices_file)
-    except pricing.PriceError as exc:
-        raise ProfileError(str(exc)) from None
-    return Catalog(found, prices)
+    return Catalog(found)
 
 
 @functools.lru_cache(maxsize=4)
-def cached_catalog(profiles_dir: str | None, prices_file: str | None) -> Catalog:
-    """``load_catalog``, once per process for the same arguments."""
-    return load_catalog(profiles_dir or None, prices_file or None)
+def cached_catalog(profiles_dir: str | None) -> Catalog:
+    """``load_catalog``, once per process for the same directory."""
+    return load_catalog(profiles_dir or None)
 
 
 def default_catalog(env: Mapping[str, str] | None = None) -> Catalog:
-    """The catalog of this environment (``PROFILES_DIR``, ``GEMINI_PRICES_FILE``), loaded once."""
+    """The catalog of this environment (``PROFILES_DIR``), loaded once."""
     source = environment() if env is None else env
-    return cached_catalog(source.get("PROFILES_DIR"), source.get("GEMINI_PRICES_FILE"))
-
-
-# ---------------------------------------------------------------- batch creation
-@dataclass(frozen=True, slots=True)
-class BatchChoice:
-    """A batch's validated analyzer settings, as stored in its ledger row."""
-
-    analyzer: str
-    profile: str | None
-    model: str | None
-    budget_usd: float | None
-    options: dict[str, Any]
-
-
-def _flag(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ProfileError(f"{name} must be true or false")
-
-
-#: How a batch's Gemini calls are sent: one by one at once (standard), or grouped into
-#: Gemini Batch API jobs at half the price, answered within hours (batch).
-MODES = ("standard", "batch")
-
-#: Bounds of a batch's ``long_side`` option (the analysis image's long side, in pixels).
-MIN_LONG_SIDE, MAX_LONG_SIDE = 32, 4096
-
-
-def resolve_batch(
-    fields: Mapping[str, Any], *, default_analyzer: str = "local", catalog: Catalog | None = None
-) -> BatchChoice:
-    """Check a new batch's ``analyzer``, ``profile``, ``model``, ``budget_usd``, ``cache``,
-    ``long_side`` and ``mode`` fields (strings from a form, or values); raises ProfileError
-    with a one-line reason."""
-
-    def text(name: str) -> str | None:
-        value = fields.get(name)
-        if value is None:
-            return None
-        return str(value).strip() or None
-
-    analyzer = text("analyzer") or default_analyzer
-    if analyzer not in ANALYZERS:
-        raise ProfileError(f"analyzer must be one of {', '.join(ANALYZERS)}")
-    budget: float | None = None
-    if (raw_budget := text("budget_usd")) is not None:
-        try:
-            amount = Decimal(raw_budget)
-        except InvalidOperation:
-            raise ProfileError(
-                "budget_usd must be a number of US dollars, e.g. 25 or 7.50"
-            ) from None
-        # The budget is kept in nano-dollars in Redis (exact in Lua below 9e15).
-        if not amount.is_finite() or not 0 < amount < MAX_BUDGET_USD:
-            raise ProfileError(f"budget_usd must be more than 0 and less than {MAX_BUDGET_USD}")
-        budget = float(amount)
-    options: dict[str, Any] = {}
-    if fields.get("cache") is not None and not _flag(fields["cache"], "cache"):
-        options["cache"] = False
-    if (raw_side := text("long_side")) is not None:
-        if not raw_side.isdigit() or not MIN_LONG_SIDE <= int(raw_side) <= MAX_LONG_SIDE:
-            raise ProfileError(
-                f"long_side must be a whole number of pixels, {MIN_LONG_SIDE} to {MAX_LONG_SIDE}"
-            )
-        options["long_side"] = int(raw_side)
-    mode = text("mode") or "standard"
-    if mode not in MODES:
-        raise ProfileError(f"mode must be one of {', '.join(MODES)}")
-    if mode == "batch":
-        options["mode"] = "batch"
-    profile, model = text("profile"), text("model")
-    if analyzer != "gemini":
-        if profile or model:
-            raise ProfileError(f"the {analyzer} analyzer takes no profile or model")
-        if mode == "batch":
-            raise ProfileError("mode batch (the Gemini Batch API) needs analyzer gemini")
-        return BatchChoice(analyzer, None, None, budget, options)
-    chosen, model = (catalog or default_catalog()).choose(profile, model)
-    return BatchChoice(analyzer, chosen.name, model, budget, options)
-
-
-# ---------------------------------------------------------------- estimates
-def input_tokens(compiled: CompiledProfile, model: str, width: int, height: int) -> int:
-    """A call's prompt tokens by Google's published rules: the image, the prompt text and
-    the response schema (which Gemini counts as input too)."""
-    media = compiled.profile.media_resolution
-    image = pricing.image_tokens(width, height, model, media)
-    return image + pricing.text_tokens(compiled.profile.prompt) + compiled.schema_tokens
-
-
-def estimate_batch(
-    catalog: Catalog,
-    compiled: CompiledProfile,
-    model: str,
-    *,
-    images: int,
-    requests_per_minute: float,
-    input_tokens_per_image: float | None = None,
-    image_size: tuple[int, int] = (768, 576),
-) -> pricing.Estimate:
-    """Tokens, cost and duration of ``images`` images with this profile and model.
-
-    Input tokens per image are measured ones (``imagestream estimate`` samples the list) or
-    else the rules applied to ``image_size`` (the fetcher's default analysis size); output
-    tokens are the profile's ``expected_output_tokens`` (else half its cap).
-    """
-    profile = compiled.profile
-    measured = input_tokens_per_image
-    return pricing.estimate(
-        model=model,
-        price=pricing.price_of(model, catalog.prices),
-        images=images,
-        input_tokens_per_image=measured
-        if measured is not None
-        else input_tokens(compiled, model, *image_size),
-        output_tokens_per_image=profile.expected_output_tokens or profile.max_output_tokens / 2,
-        max_output_tokens=profile.max_output_tokens,
-        requests_per_minute=requests_per_minute,
-    )
+    return cached_catalog(source.get("PROFILES_DIR"))

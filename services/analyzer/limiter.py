@@ -180,6 +180,8 @@ def pacific_day(now: float | None = None) -> tuple[str, int]:
 class QuotaGate:
     redis: Redis
     keys: Keys
+    #: Whose quota: keys of each provider are counted apart (``{p}:{provider}:q:...``).
+    provider: str
     window_s: float = 60.0
     margin_s: float = 1.0
     burst_s: float = 1.0
@@ -235,7 +237,7 @@ class QuotaGate:
             day_left_ms,
         ]
         for project in projects:
-            base = self.keys.gemini_quota(project.name, model)
+            base = self.keys.quota(self.provider, project.name, model)
             keys += [f"{base}:rate", f"{base}:tokens", f"{base}:pace", f"{base}:day:{day}"]
             keys.append(f"{base}:backoff")
             limits = project.limits
@@ -247,7 +249,7 @@ class QuotaGate:
     async def usage(self, project: str, model: str) -> dict[str, int]:
         """What one (project, model) used of its quota: requests and input tokens in the
         current window, requests today, and the milliseconds of back-off left."""
-        base = self.keys.gemini_quota(project, model)
+        base = self.keys.quota(self.provider, project, model)
         day, _ = pacific_day()
         seconds, micros = await self.redis.time()
         since = seconds * 1000 + micros // 1000 - self._window_ms
@@ -266,7 +268,7 @@ class QuotaGate:
 
     async def back_off(self, project: str, model: str, seconds: float) -> None:
         """No request to ``project`` and ``model`` for ``seconds`` (a 429's retry delay)."""
-        key = f"{self.keys.gemini_quota(project, model)}:backoff"
+        key = f"{self.keys.quota(self.provider, project, model)}:backoff"
         await self._back_off(keys=[key], args=[max(1, math.ceil(seconds * 1000))])
 
 

@@ -11,27 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import msgspec
 from prometheus_client import Histogram
 
-from imagestream.common import messages
+from imagestream.common import messages, settings
 from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig, BatchConfigs, HaltedBatches
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
 from imagestream.common.progress import ItemProgress
+from imagestream.common.providers import is_batch_mode, registry
 from imagestream.common.results import analysis_result, item_result
+from imagestream.common.settings import StreamSettings
 from imagestream.common.worker import Out, StreamWorker, out
 
 from .cache import CACHE_LOOKUPS, AnalysisCache, ContentKey
-from .providers.base import Analysis, Halted, PaidError, Provider
-from .providers.gemini.batch import GeminiBatchJobs, is_batch_mode
-from .providers.gemini.provider import GeminiProvider, GeminiSettings
-from .providers.local.provider import LocalProvider
+from .providers.base import Analysis, Deferred, Halted, PaidError, Provider
 
 log = logging.getLogger(__name__)
 
@@ -43,24 +43,28 @@ ANALYZE_SECONDS = Histogram(
 )
 
 
-class AnalyzerSettings(GeminiSettings, kw_only=True, frozen=True):
-    #: Images one process holds at once (0 = automatic: 8 for the local analyzer; with
-    #: Gemini keys, enough to keep the whole quota busy at a few seconds of latency).
+class AnalyzerSettings(StreamSettings, kw_only=True, frozen=True):
+    #: Images one process holds at once (0 = automatic: what the providers configured here
+    #: want together, e.g. enough to keep a whole Gemini quota busy, at least 8).
     analyze_concurrency: int = 0
-    #: Threads for the local analyzer (0 = one per core).
-    analyze_threads: int = 0
+    #: Each registered provider's own settings (its ``load_settings``), by name; filled by
+    #: ``load_settings`` below, not from a variable of its own.
+    provider_settings: dict[str, Any] = {}
 
     def concurrency(self) -> int:
         if self.analyze_concurrency > 0:
             return self.analyze_concurrency
-        if not self.gemini_api_keys:
-            return 8
-        rpm = GeminiProvider.quota_rpm(self)
-        if rpm == 0:  # an unlimited project: as many as one process may send
-            return self.gemini_max_inflight
-        # Little's law at 6 s per call (latency plus time queued for pacing), at least 16.
-        per_second = rpm / self.gemini_quota_window_s
-        return max(16, min(self.gemini_max_inflight * 2, math.ceil(per_second * 6)))
+        specs = registry()
+        wanted = [specs[name].concurrency(s) for name, s in self.provider_settings.items()]
+        return max(8, *wanted) if wanted else 8
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> AnalyzerSettings:
+    """The analyzer's settings with those of every registered provider."""
+    source = settings.environment() if env is None else env
+    base = settings.load(AnalyzerSettings, source)
+    loaded = {name: spec.load_settings(source) for name, spec in registry().items()}
+    return msgspec.structs.replace(base, provider_settings=loaded)
 
 
 class Analyzer:
@@ -73,10 +77,10 @@ class Analyzer:
         self.halted = HaltedBatches(res.redis, res.keys)
         self.cache = AnalysisCache(res)
         self.providers = providers
-        gemini = providers.get("gemini")
-        self.batch_jobs = (
-            GeminiBatchJobs(res, gemini) if isinstance(gemini, GeminiProvider) else None
-        )
+        #: The Batch APIs of the providers that have one, by provider name.
+        self.deferred: dict[str, Deferred] = {
+            name: p.jobs for name, p in providers.items() if p.jobs is not None
+        }
         self._columns_recorded: set[str] = set()
 
     def _result(
@@ -133,7 +137,7 @@ class Analyzer:
         if cached is not None:
             CACHE_LOOKUPS.labels("hit").inc()
             return [self._succeeded(task, provider, _from_cache(cached, key), cache_hit=True)]
-        if is_batch_mode(config):
+        if is_batch_mode(config.options):
             # A Batch API job answers within hours: no single-flight lease is held that long.
             CACHE_LOOKUPS.labels("miss").inc()
             return await self._analyze(task, provider, config, key)
@@ -157,8 +161,8 @@ class Analyzer:
                 )
             ]
         try:
-            if self.batch_jobs is not None and is_batch_mode(config):
-                return await self.batch_jobs.submit(task, data, config)
+            if provider.jobs is not None and is_batch_mode(config.options):
+                return await provider.jobs.submit(task, data, config)
             with ANALYZE_SECONDS.labels(provider.name).time():
                 analysis = await provider.analyze(data, task.facts, config)
         except ItemError as error:
@@ -192,16 +196,19 @@ def _from_cache(fields: dict[str, object], key: ContentKey) -> Analysis:
     return Analysis(fields=dict(fields), usage=messages.Usage(), model=key.model or None)
 
 
-def create_providers(res: Resources, settings: AnalyzerSettings) -> dict[str, Provider]:
-    providers: dict[str, Provider] = {"local": LocalProvider(threads=settings.analyze_threads)}
-    if settings.gemini_api_keys:
-        providers["gemini"] = GeminiProvider(res, settings)
-    return providers
+def create_providers(res: Resources, config: AnalyzerSettings) -> dict[str, Provider]:
+    """The runtime providers configured here (one without its keys is left out)."""
+    made: dict[str, Provider] = {}
+    for name, spec in registry().items():
+        provider = spec.create(res, config.provider_settings[name])
+        if provider is not None:
+            made[name] = provider
+    return made
 
 
 async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -> None:
-    providers = create_providers(res, settings)
-    analyzer = Analyzer(res, settings, providers)
+    running = create_providers(res, settings)
+    analyzer = Analyzer(res, settings, running)
     worker: StreamWorker[messages.AnalyzeTask] = StreamWorker(
         res.redis,
         res.keys,
@@ -216,16 +223,15 @@ async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -
         progress=ItemProgress(res.pool),
         advances={res.keys.write: "writing"},
     )
-    reporters = [asyncio.create_task(p.report(stop)) for p in providers.values()]
-    if analyzer.batch_jobs is not None:
-        reporters.append(asyncio.create_task(analyzer.batch_jobs.run(stop)))
+    reporters = [asyncio.create_task(p.report(stop)) for p in running.values()]
+    reporters += [asyncio.create_task(jobs.run(stop)) for jobs in analyzer.deferred.values()]
     try:
         await worker.run(stop)
     finally:
         for reporter in reporters:
             reporter.cancel()
         await asyncio.gather(*reporters, return_exceptions=True)
-        if analyzer.batch_jobs is not None:
-            await analyzer.batch_jobs.close()
-        for provider in providers.values():
+        for jobs in analyzer.deferred.values():
+            await jobs.close()
+        for provider in running.values():
             await provider.close()

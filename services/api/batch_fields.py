@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from imagestream.common import profiles
+from imagestream.common import profiles, providers
 
 from .errors import bad_request
 
-ANALYZERS = profiles.ANALYZERS
 #: The form's text fields (besides ``file``); ``name`` is an alias of ``batch_name``.
 FIELDS = (
     "batch_name", "name", "analyzer", "profile", "model", "budget_usd", "cache", "long_side",
@@ -44,7 +43,7 @@ def batch_fields(
             raise bad_request(f"{name} is longer than {MAX_TEXT} characters")
     name = (form.get("batch_name") or form.get("name") or "").strip() or source_name
     try:  # analyzer, profile, model, budget_usd, cache, mode: checked where profiles live
-        choice = profiles.resolve_batch(form, default_analyzer=default_analyzer)
+        choice = providers.resolve_batch(form, default_analyzer=default_analyzer)
     except profiles.ProfileError as exc:
         raise bad_request(str(exc)) from None
     return BatchFields(

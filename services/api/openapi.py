@@ -12,9 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from imagestream.common import export
+from imagestream.common import export, providers
 
-from .batch_fields import ANALYZERS
 from .errors import Handler, bad_request
 from .params import BATCH_STATES, ITEM_STATES
 
@@ -143,7 +142,7 @@ SCHEMAS |= {
             },
             "batch_name": {"type": "string", "maxLength": 200},
             "name": {"type": "string", "maxLength": 200, "description": "Alias of batch_name."},
-            "analyzer": {"type": "string", "enum": list(ANALYZERS)},
+            "analyzer": {"type": "string", "enum": list(providers.names())},
             "profile": {"type": "string", "maxLength": 200},
             "model": {"type": "string", "maxLength": 200},
             "budget_usd": {
@@ -164,8 +163,10 @@ SCHEMAS |= {
             "mode": {
                 "type": "string",
                 "enum": ["standard", "batch"],
-                "description": "gemini only. batch: the images go through the Gemini Batch"
-                " API at half the price, answered within hours instead of seconds.",
+                "description": "batch: the images go through the provider's Batch API at"
+                " half the price, answered within hours instead of seconds (analyzers: "
+                + ", ".join(s.name for s in providers.registry().values() if "batch" in s.modes)
+                + ").",
             },
         },
     },
@@ -346,7 +347,7 @@ SCHEMAS |= {
             "taken_at": TIME,
         },
     },
-    "GeminiKey": {
+    "ProviderKey": {
         "type": "object",
         "required": ["key"],
         "description": "As published by the analyzers; see docs/API.md for the fields.",
@@ -356,13 +357,19 @@ SCHEMAS |= {
             "state": STRING,
         },
     },
-    "Gemini": {
+    "Provider": {
         "type": "object",
-        "required": ["ok", "keys", "quarantined"],
+        "required": ["name", "title", "paid", "modes", "keyed"],
+        "description": "A registered analyzer; keyed ones add ok, keys and quarantined.",
         "properties": {
+            "name": {"type": "string", "enum": list(providers.names())},
+            "title": STRING,
+            "paid": BOOLEAN,
+            "modes": {"type": "array", "items": {"type": "string", "enum": ["standard", "batch"]}},
+            "keyed": BOOLEAN,
             "ok": BOOLEAN,
             "error": STRING,
-            "keys": {"type": "array", "items": ref("GeminiKey")},
+            "keys": {"type": "array", "items": ref("ProviderKey")},
             "quarantined": {
                 "type": "array",
                 "items": obj({"key": STRING, "reason": STRING, "until": nullable(NUMBER)}),
@@ -384,7 +391,7 @@ SCHEMAS |= {
                     }
                 )
             ),
-            "gemini": ref("Gemini"),
+            "providers": {"type": "array", "items": ref("Provider")},
         }
     ),
     "DeadEntry": {
@@ -837,7 +844,8 @@ def build() -> dict[str, Any]:
                 ok(ref("System")),
                 tag="system",
                 description="Services alive, each stage's stream (length, pending, lag,"
-                " throughput), the dead stream, Redis and PostgreSQL health, Gemini keys.",
+                " throughput), the dead stream, Redis and PostgreSQL health, the providers and"
+                " their keys.",
             )
         },
         "/api/v1/dead": {

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from imagestream.common import providers
 from imagestream.common.settings import CommonSettings
-
-from .batch_fields import ANALYZERS
 
 
 class ApiSettings(CommonSettings, kw_only=True, frozen=True):
@@ -21,8 +20,8 @@ class ApiSettings(CommonSettings, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.analyzer not in ANALYZERS:
-            raise ValueError(f"ANALYZER must be one of {', '.join(ANALYZERS)}")
+        if self.analyzer not in providers.names():
+            raise ValueError(f"ANALYZER must be one of {', '.join(providers.names())}")
         if self.max_upload_bytes < 1:
             raise ValueError("MAX_UPLOAD_BYTES must be at least 1")
         if not 0.05 <= self.live_interval_s <= 60:

@@ -1,5 +1,5 @@
 """Health, readiness and system status; the admin's tools: API tokens, the dead stream
-(browse, replay, discard) and the Gemini keys' state."""
+(browse, replay, discard), the providers and their keys' state."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from imagestream.common import control, ledger, messages, observe, streams, tokens
+from imagestream.common import control, ledger, messages, observe, providers, streams, tokens
 from imagestream.common.connections import Resources
 
 from . import params
@@ -91,8 +91,8 @@ class System:
 
     # ------------------------------------------------------------ system status
     async def status(self, _: web.Request) -> web.Response:
-        checks, pipeline, gemini = await asyncio.gather(
-            self.dependency_checks(), self.monitor.snapshot(), self.gemini()
+        checks, pipeline, analyzers = await asyncio.gather(
+            self.dependency_checks(), self.monitor.snapshot(), self.providers()
         )
         redis: dict[str, Any] = dict(checks["redis"])
         postgres: dict[str, Any] = dict(checks["postgres"])
@@ -126,18 +126,35 @@ class System:
                 "postgres": postgres,
                 "pipeline": pipeline,
                 "ledger": ledger_view,
-                "gemini": gemini,
+                "providers": analyzers,
             }
         )
 
-    async def gemini(self) -> dict[str, Any]:
-        """The Gemini keys as the analyzers report them (``{p}:gemini:status``: key short
-        hash -> JSON), and the keys they quarantined (``{p}:gemini:quarantine``)."""
+    async def providers(self) -> list[dict[str, Any]]:
+        """Every registered provider (the dashboard's analyzer choice), with the state of
+        its API keys when it has some."""
+        found = []
+        for spec in providers.registry().values():
+            entry: dict[str, Any] = {
+                "name": spec.name,
+                "title": spec.title,
+                "paid": spec.paid,
+                "modes": list(spec.modes),
+                "keyed": spec.keyed,
+            }
+            if spec.keyed:
+                entry |= await self.key_states(spec.name)
+            found.append(entry)
+        return found
+
+    async def key_states(self, provider: str) -> dict[str, Any]:
+        """A provider's keys as the analyzers report them (``{p}:{provider}:status``: key
+        short hash -> JSON), and the keys they quarantined (``{p}:{provider}:quarantine``)."""
         keys = self.res.keys
         try:
             async with self.res.redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(keys.gemini_status)
-                pipe.hgetall(keys.gemini_quarantine)
+                pipe.hgetall(keys.key_status(provider))
+                pipe.hgetall(keys.quarantine(provider))
                 reported, quarantined = await pipe.execute()
         except (RedisError, OSError) as exc:
             return {"ok": False, "error": str(exc), "keys": [], "quarantined": []}

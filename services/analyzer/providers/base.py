@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,7 +14,8 @@ from imagestream.common import control, ledger
 from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ItemError
-from imagestream.common.messages import ImageFacts, Usage
+from imagestream.common.messages import AnalyzeTask, ImageFacts, Usage
+from imagestream.common.worker import Out
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,28 @@ async def pause_batch(res: Resources, batch_id: str, reason: str) -> None:
     log.warning("batch paused: %s", reason, extra={"batch": batch_id, "reason": reason})
 
 
+class Deferred(Protocol):
+    """A provider's Batch API (``mode: batch``): items are sent in jobs answered within
+    hours. ``submit`` takes an item (its result comes later: the outputs are usually none);
+    ``run`` polls the jobs out, collects their answers and cancels the jobs of cancelled
+    batches until ``stop``; ``close`` sends what is still waiting, or hands it back."""
+
+    async def submit(
+        self, task: AnalyzeTask, data: bytes, config: BatchConfig
+    ) -> Sequence[Out]: ...
+
+    async def run(self, stop: asyncio.Event) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class Provider(Protocol):
     name: str
     #: Whether an analysis costs money: a paid provider sends nothing for a paused batch
     #: (its items go back to pending), a free one finishes the work already in flight.
     paid: bool
+    #: Its Batch API, when it has one.
+    jobs: Deferred | None
 
     def columns(self, config: BatchConfig) -> list[str]:
         """The analysis fields this provider returns for the batch, in export order."""

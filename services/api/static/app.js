@@ -228,24 +228,33 @@ function uploadPanel() {
     h("span", { text: "CSV with a url column, TXT with one URL per line, or JSONL — gzip welcome. Or click to choose a file." }),
     picked);
   const name = h("input", { id: "batch-name", type: "text", maxlength: "200", placeholder: "Batch name" });
-  const analyzer = h("select", { id: "analyzer" }, h("option", { value: "local", text: "Local (offline, free)" }), h("option", { value: "gemini", text: "Gemini" }));
+  // The analyzer choice is the server's provider registry (GET /api/v1/system).
+  const analyzer = h("select", { id: "analyzer" }, h("option", { value: "local", text: "Local (offline, free)" }));
+  let offered = [{ name: "local", paid: false, modes: ["standard"] }];
+  api("/api/v1/system").then((s) => {
+    if (!s.providers || !s.providers.length) return;
+    offered = s.providers;
+    analyzer.replaceChildren(...offered.map((p) => h("option", { value: p.name, text: p.title })));
+  }).catch(() => {});
   const profile = h("input", { id: "profile", list: "profiles", placeholder: "describe", disabled: true });
-  const model = h("input", { id: "model", placeholder: "gemini-2.5-flash-lite", disabled: true });
+  const model = h("input", { id: "model", placeholder: "the profile's", disabled: true });
   const budget = h("input", { id: "budget", type: "number", min: "0.01", step: "0.01", placeholder: "no limit", disabled: true });
   const mode = h("select", { id: "mode", disabled: true, title: "Batch API: half the price, answered within hours" },
     h("option", { value: "standard", text: "Standard (now)" }), h("option", { value: "batch", text: "Batch API (½ price, hours)" }));
   const go = h("button", { class: "primary", type: "submit", disabled: true, id: "start-batch" }, "Start batch");
   const progress = h("div", { hidden: true }, bar([["accent", 0]]));
-  const geminiFields = [
+  const modelFields = [
     h("label", { class: "field", hidden: true }, "Profile", profile),
     h("label", { class: "field", hidden: true }, "Model", model),
     h("label", { class: "field", hidden: true }, "Budget (USD)", budget),
     h("label", { class: "field", hidden: true }, "Mode", mode),
   ];
+  const chosen = () => offered.find((p) => p.name === analyzer.value) || { paid: false, modes: ["standard"] };
   analyzer.addEventListener("change", () => {
-    const gemini = analyzer.value === "gemini";
-    for (const el of [profile, model, budget, mode]) el.disabled = !gemini;
-    for (const el of geminiFields) el.hidden = !gemini;
+    const paid = chosen().paid;
+    for (const el of [profile, model, budget]) el.disabled = !paid;
+    mode.disabled = !chosen().modes.includes("batch");
+    modelFields.forEach((el, i) => { el.hidden = i < 3 ? !paid : mode.disabled; });
   });
   const choose = (f) => {
     file = f;
@@ -265,7 +274,7 @@ function uploadPanel() {
     h("div", { class: "form-row" },
       h("label", { class: "field wide" }, "Name", name),
       h("label", { class: "field" }, "Analyzer", analyzer),
-      geminiFields),
+      modelFields),
     h("datalist", { id: "profiles" }, h("option", { value: "describe" }), h("option", { value: "moderation" })),
     h("div", { class: "actions" }, go, progress));
   form.addEventListener("submit", (event) => {
@@ -275,11 +284,11 @@ function uploadPanel() {
     data.append("file", file, file.name);
     data.append("batch_name", name.value.trim() || file.name);
     data.append("analyzer", analyzer.value);
-    if (analyzer.value === "gemini") {
+    if (chosen().paid) {
       if (profile.value.trim()) data.append("profile", profile.value.trim());
       if (model.value.trim()) data.append("model", model.value.trim());
       if (budget.value) data.append("budget_usd", budget.value);
-      if (mode.value === "batch") data.append("mode", "batch");
+      if (!mode.disabled && mode.value === "batch") data.append("mode", "batch");
     }
     // XMLHttpRequest: the one browser API that reports upload progress.
     const xhr = new XMLHttpRequest();
@@ -629,7 +638,7 @@ function renderSystem() {
 
 // ------------------------------------------------------------------ admin page
 function renderAdmin() {
-  main.replaceChildren(h("div", { class: "page-head" }, h("div", { class: "grow" }, h("h1", { text: "Admin" }), h("div", { class: "sub", text: "API tokens, Gemini keys and the dead stream." }))));
+  main.replaceChildren(h("div", { class: "page-head" }, h("div", { class: "grow" }, h("h1", { text: "Admin" }), h("div", { class: "sub", text: "API tokens, providers' API keys and the dead stream." }))));
   if (!isAdmin()) {
     main.append(h("div", { class: "panel" }, h("div", { class: "note-box", text: "This page needs an admin token." })));
     return () => {};
@@ -661,19 +670,21 @@ function renderAdmin() {
           if (await act("Token revoked", () => api(`/api/v1/tokens/${t.id}`, { method: "DELETE" }))) loadTokens();
         } }, "Revoke")))));
   }
-  const geminiBox = h("div");
-  async function loadGemini() {
+  const keysBox = h("div");
+  async function loadKeys() {
     let s;
     try { s = await api("/api/v1/system"); } catch { return; }
-    const g = s.gemini;
+    keysBox.replaceChildren(...(s.providers || []).filter((p) => p.keyed).map(providerKeys));
+  }
+  function providerKeys(g) {
     const quota = (q) => (q && q.limit ? h("div", { class: "cell-progress" }, bar([[q.used / q.limit > 0.9 ? "bad" : "accent", (100 * q.used) / q.limit]]), h("span", { text: `${Math.round((100 * q.used) / q.limit)}%` })) : "—");
-    geminiBox.replaceChildren(h("div", {},
+    return h("div", {}, h("h3", { text: g.title }),
       g.keys.length ? h("div", { class: "table-wrap" }, h("table", {},
         h("thead", {}, h("tr", {}, h("th", { text: "Key" }), h("th", { text: "Project" }), h("th", { text: "State" }), h("th", { text: "RPM" }), h("th", { class: "hide-narrow", text: "TPM" }), h("th", { class: "hide-narrow", text: "Today (RPD)" }))),
         h("tbody", {}, g.keys.map((k) => h("tr", {}, h("td", {}, h("code", { text: k.key })), h("td", { text: k.project || "—" }), h("td", {}, badge(k.state === "ok" ? "ok" : k.state === "quarantined" ? "bad" : "warn", fmt.state(k.state || "unknown"))), h("td", {}, quota(k.rpm)), h("td", { class: "hide-narrow" }, quota(k.tpm)), h("td", { class: "hide-narrow" }, quota(k.rpd)))))))
-        : h("div", { class: "note-box", text: "No Gemini key reported by the analyzers. Set GEMINI_API_KEYS on them to analyze with Gemini." }),
-      g.quarantined.length ? h("div", {}, h("h3", { class: "sub", text: "Quarantined keys (rejected by Google)" }),
-        h("ul", {}, g.quarantined.map((q) => h("li", {}, h("code", { text: q.key }), ` — ${q.reason}${q.until ? ` (until ${new Date(q.until * 1000).toLocaleString()})` : ""}`)))) : null));
+        : h("div", { class: "note-box", text: `No ${g.title} key reported by the analyzers. Set ${g.name.toUpperCase()}_API_KEYS on them to analyze with ${g.title}.` }),
+      g.quarantined.length ? h("div", {}, h("h3", { class: "sub", text: "Quarantined keys (rejected by the provider)" }),
+        h("ul", {}, g.quarantined.map((q) => h("li", {}, h("code", { text: q.key }), ` — ${q.reason}${q.until ? ` (until ${new Date(q.until * 1000).toLocaleString()})` : ""}`)))) : null);
   }
   const deadBody = h("tbody");
   const deadHead = h("h2", { text: "Dead stream" });
@@ -713,14 +724,14 @@ function renderAdmin() {
   main.append(
     h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "API tokens" })), createForm, secretBox,
       h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { class: "num hide-narrow", text: "#" }), h("th", { text: "Name" }), h("th", { text: "Role" }), h("th", { class: "hide-narrow", text: "Last used" }), h("th"))), tokensBody))),
-    h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "Gemini keys" })), geminiBox),
+    h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "API keys" })), keysBox),
     h("section", { class: "panel" }, h("div", { class: "panel-head" }, deadHead, replayAll),
       h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { class: "hide-narrow", text: "When" }), h("th", { text: "Stage" }), h("th", { text: "Reason" }), h("th", { class: "hide-narrow" }), h("th"))), deadBody)),
       h("div", { class: "pager" }, h("span"), deadMore)));
   loadTokens();
-  loadGemini();
+  loadKeys();
   loadDead(true);
-  const timer = setInterval(() => { if (!document.hidden) loadGemini(); }, 5000);
+  const timer = setInterval(() => { if (!document.hidden) loadKeys(); }, 5000);
   return () => clearInterval(timer);
 }
 

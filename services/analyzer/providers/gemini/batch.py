@@ -53,7 +53,7 @@ from ...budget import Reservation
 from ...cache import AnalysisCache, ContentKey
 from ..base import Halted, PaidError, pause_batch
 from . import reply
-from .keys import ApiKey
+from .keys import GeminiKey
 from .provider import GeminiProvider, analysis_of, count_usage, retry_delay
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ class GeminiBatchJobs:
         )
         return 1
 
-    def _key_of(self, project: str) -> ApiKey | None:
+    def _key_of(self, project: str) -> GeminiKey | None:
         """A key of the job's project (the job is the project's): a usable one if there is
         one, else a quarantined one, which may still read the answers already paid for."""
         keys = [k for k in self.provider.pool.all_keys() if k.project == project]
@@ -501,8 +501,8 @@ class GeminiBatchJobs:
     def _read(
         self, response: types.GenerateContentResponse, config: BatchConfig, model: str
     ) -> tuple[dict[str, object], messages.Usage]:
-        compiled, _ = self.provider.catalog.choose(config.profile, model)
-        price = pricing.price_of(model, self.provider.catalog.prices)
+        compiled, _ = self.provider.catalog.choose(config.profile, model, self.provider.prices)
+        price = pricing.price_of(model, self.provider.prices)
         usage = reply.usage_of(response, price, "batch")
         return analysis_of(response, compiled, model, usage).fields, usage
 

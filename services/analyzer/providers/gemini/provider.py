@@ -48,11 +48,14 @@ from imagestream.common.messages import ImageFacts, Usage
 from imagestream.common.runtime import supervise
 from imagestream.common.settings import StreamSettings
 
+from ...answers import InvalidOutput
 from ...budget import BudgetReached, Budgets, Reservation
+from ...keypool import KeySpec, parse_keys
 from ...limiter import AdaptiveConcurrency, NeverFits, Project, QuotaGate, QuotaLimits
-from ..base import Analysis, Halted, PaidError, pause_batch
+from ..base import Analysis, Deferred, Halted, PaidError, pause_batch
+from . import pricing as gemini_pricing
 from . import reply
-from .keys import KeyPool, KeySpec, parse_keys
+from .keys import GeminiKeys, close_clients, make_client
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +167,8 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
         self.key_specs()
         try:
             self.catalog()
-        except profiles.ProfileError as exc:
+            self.prices()
+        except (profiles.ProfileError, pricing.PriceError) as exc:
             raise ValueError(str(exc)) from None
 
     def default_limits(self) -> QuotaLimits:
@@ -174,7 +178,16 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
         return parse_keys(self.gemini_api_keys, self.gemini_project_limits, self.default_limits())
 
     def catalog(self) -> profiles.Catalog:
-        return profiles.cached_catalog(self.profiles_dir, self.gemini_prices_file)
+        return profiles.cached_catalog(self.profiles_dir)
+
+    def prices(self) -> dict[str, pricing.Price]:
+        return gemini_pricing.cached_prices(self.gemini_prices_file)
+
+    def choose(
+        self, profile: str | None, model: str | None
+    ) -> tuple[profiles.CompiledProfile, str]:
+        """The profile and model of a batch (ProfileError when unknown or unpriced)."""
+        return self.catalog().choose(profile, model, self.prices())
 
 
 def _details(exc: errors.APIError) -> list[Any]:
@@ -215,7 +228,7 @@ def thinking_budget(model: str, budget: int | None) -> int | None:
     off switch (it keeps its default), models before 2.5 do not think."""
     if budget is None:
         return None
-    if pricing.model_generation(model) >= 3:
+    if gemini_pricing.model_generation(model) >= 3:
         return budget if budget != 0 else None
     if "2.5" not in model:
         return None
@@ -225,25 +238,33 @@ def thinking_budget(model: str, budget: int | None) -> int | None:
 class GeminiProvider:
     name = "gemini"
     paid = True
+    #: Set by the spec (the batch module builds on this one).
+    jobs: Deferred | None = None
 
     def __init__(self, res: Resources, settings: GeminiSettings) -> None:
         self.res = res
         self.settings = settings
         self.catalog = settings.catalog()
+        self.prices = settings.prices()
         specs, projects = settings.key_specs()
-        self.pool = KeyPool(
+        self.pool: GeminiKeys = GeminiKeys(
             res.redis,
             res.keys,
+            self.name,
             specs,
             projects,
-            base_url=settings.gemini_base_url,
-            api_version=settings.gemini_api_version,
-            timeout_s=settings.gemini_timeout_s,
+            make_client=partial(
+                make_client,
+                base_url=settings.gemini_base_url,
+                api_version=settings.gemini_api_version,
+                timeout_s=settings.gemini_timeout_s,
+            ),
             quarantine_s=settings.gemini_quarantine_s,
         )
         self.gate = QuotaGate(
             res.redis,
             res.keys,
+            self.name,
             window_s=settings.gemini_quota_window_s,
             margin_s=settings.gemini_quota_margin_s,
             burst_s=settings.gemini_quota_burst_s,
@@ -258,6 +279,18 @@ class GeminiProvider:
         self._models_used: set[str] = set()
 
     @staticmethod
+    def wanted_concurrency(settings: GeminiSettings) -> int:
+        """Images an analyzer process holds at once to keep the whole quota busy."""
+        if not settings.gemini_api_keys:
+            return 0
+        rpm = GeminiProvider.quota_rpm(settings)
+        if rpm == 0:  # an unlimited project: as many as one process may send
+            return settings.gemini_max_inflight
+        # Little's law at 6 s per call (latency plus time queued for pacing), at least 16.
+        per_second = rpm / settings.gemini_quota_window_s
+        return max(16, min(settings.gemini_max_inflight * 2, math.ceil(per_second * 6)))
+
+    @staticmethod
     def quota_rpm(settings: GeminiSettings) -> float:
         """Requests per minute of all projects together (0: some project is unlimited)."""
         _, projects = settings.key_specs()
@@ -266,7 +299,7 @@ class GeminiProvider:
 
     def _choice(self, config: BatchConfig) -> tuple[profiles.CompiledProfile, str]:
         try:
-            return self.catalog.choose(config.profile, config.model)
+            return self.catalog.choose(config.profile, config.model, self.prices)
         except profiles.ProfileError as exc:
             raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
 
@@ -311,8 +344,8 @@ class GeminiProvider:
         return Request(
             compiled=compiled,
             model=model,
-            price=pricing.price_of(model, self.catalog.prices),
-            tokens=profiles.input_tokens(compiled, model, *_image_size(data)),
+            price=pricing.price_of(model, self.prices),
+            tokens=gemini_pricing.input_tokens(compiled, model, *_image_size(data)),
             image=types.Part.from_bytes(data=data, mime_type=mime),
             prompt=compiled.profile.prompt,
             generation=self._generation_config(compiled, model),
@@ -442,7 +475,7 @@ class GeminiProvider:
         Quota is per (project, model): the figures shown are those of the model the
         project used most in the current window (the default profile's model if none)."""
         await self.pool.refresh()
-        models = self._models_used or {self.catalog.choose(None, None)[1]}
+        models = self._models_used or {self.settings.choose(None, None)[1]}
         now = time.time()
         statuses: dict[str, bytes] = {}
         usage_of: dict[str, tuple[str, dict[str, int]]] = {}
@@ -473,12 +506,12 @@ class GeminiProvider:
                 }
             )
         async with self.res.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.res.keys.gemini_status, mapping=statuses)  # type: ignore[arg-type]
-            pipe.expire(self.res.keys.gemini_status, 60)
+            pipe.hset(self.res.keys.key_status(self.name), mapping=statuses)  # type: ignore[arg-type]
+            pipe.expire(self.res.keys.key_status(self.name), 60)
             await pipe.execute()
 
     async def close(self) -> None:
-        await self.pool.close()
+        await close_clients(self.pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -519,7 +552,7 @@ def analysis_of(
     """The answer read and validated; PaidError (its cost kept) when it is unusable."""
     try:
         fields = reply.read(response, compiled)
-    except reply.InvalidOutput as exc:
+    except InvalidOutput as exc:
         raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
     if fields.get("blocked"):
         BLOCKED.inc()

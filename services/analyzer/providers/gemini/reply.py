@@ -5,34 +5,24 @@ Structured output normally arrives as JSON matching the response schema. When it
 * A refusal (``promptFeedback.blockReason``, or a candidate finished for SAFETY and the like)
   is a result: ``blocked`` true with the reason, no retry (the same image gets the same
   refusal, and each try is billed).
-* JSON wrapped in Markdown fences or in a sentence gets one repair attempt, and that attempt
-  is local: the fences and the prose around the outermost ``{...}`` are cut off and the rest
-  is parsed again. A second request would cost the whole call again (the image is most of
-  its tokens) to fix what a string operation fixes for free; and when the text is not JSON
-  even then (cut short, garbled), a repair by a model would have to invent what is missing.
-  So after the one local repair the item fails as ``analyzer_invalid_output`` (its tokens
-  stay on the bill), and ``replay`` can retry it on purpose.
+* JSON wrapped in Markdown fences or in a sentence gets the one local repair every provider
+  gets (``answers``), then fails as ``analyzer_invalid_output``.
 * An answer cut at the output-token cap (finish reason MAX_TOKENS) fails the same way, with
   a message that names the cap to raise.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-import msgspec
 from google.genai import types
-from prometheus_client import Counter
 
 from imagestream.common import pricing
 from imagestream.common.messages import Usage
 from imagestream.common.profiles import CompiledProfile
 
-REPAIRED = Counter(
-    "imagestream_gemini_repaired_total",
-    "Gemini answers that parsed only after the local repair (code fences, prose around).",
-)
+from ...answers import InvalidOutput, parse
+
 #: Finish reasons that mean the model refused to answer (google.genai FinishReason).
 REFUSALS = frozenset(
     {
@@ -40,11 +30,6 @@ REFUSALS = frozenset(
         "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION",
     }
 )  # fmt: skip
-_FENCED = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?[ \t]*```$", re.DOTALL)
-
-
-class InvalidOutput(Exception):
-    pass
 
 
 def _name(value: Any) -> str:
@@ -58,36 +43,6 @@ def _flagged(ratings: list[types.SafetyRating] | None) -> str:
         if r.blocked or _name(r.probability) == "HIGH"
     ]
     return f" ({', '.join(names)})" if names else ""
-
-
-def repair(text: str) -> str | None:
-    """The text without code fences or prose around its JSON object; None if unchanged."""
-    candidate = text.strip().lstrip("\ufeff").strip()
-    fenced = _FENCED.match(candidate)
-    if fenced:
-        candidate = fenced.group(1).strip()
-    start, end = candidate.find("{"), candidate.rfind("}")
-    if 0 <= start < end:
-        candidate = candidate[start : end + 1]
-    return candidate if candidate != text else None
-
-
-def parse(text: str, profile: CompiledProfile) -> dict[str, Any]:
-    try:
-        value = msgspec.json.decode(text)
-    except msgspec.DecodeError as first:
-        repaired = repair(text)
-        if repaired is None:
-            raise InvalidOutput(f"the answer is not JSON, and not repairable ({first})") from None
-        try:
-            value = msgspec.json.decode(repaired)
-        except msgspec.DecodeError as second:
-            raise InvalidOutput(f"the answer is not JSON, even repaired ({second})") from None
-        REPAIRED.inc()
-    try:
-        return profile.parse(value)
-    except msgspec.ValidationError as exc:
-        raise InvalidOutput(f"the answer does not match profile {profile.name}: {exc}") from None
 
 
 def read(response: types.GenerateContentResponse, profile: CompiledProfile) -> dict[str, Any]:
@@ -110,7 +65,7 @@ def read(response: types.GenerateContentResponse, profile: CompiledProfile) -> d
             f"the answer was cut at the output cap of {cap} tokens"
             f" (raise max_output_tokens of profile {profile.name})"
         )
-    return parse(text, profile)
+    return parse(text, profile, "gemini")
 
 
 def usage_of(

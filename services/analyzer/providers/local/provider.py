@@ -25,6 +25,7 @@ class LocalProvider:
 
     name: str = "local"
     paid: bool = False
+    jobs: None = None
     threads: int = 0
     _pool: ThreadPoolExecutor = field(init=False)
 
