@@ -258,7 +258,7 @@ async def drive(args: argparse.Namespace, setup: Setup, dsn: str) -> None:
         )
         batch_mode_s = await wait_done(pool, [batch_mode_id], "batch mode")
         jobs = await pool.fetchval(
-            "SELECT count(*) FROM gemini_jobs WHERE batch_id = $1", batch_mode_id
+            "SELECT count(*) FROM provider_jobs WHERE batch_id = $1", batch_mode_id
         )
         print(f"  {args.batch_images} images in {jobs} Batch API jobs, {batch_mode_s:.0f} s")
         batches = await pool.fetch(

@@ -86,7 +86,7 @@ async def collect_all(
 
 async def jobs_of(res: Resources, batch_id: str) -> list[dict[str, object]]:
     rows = await res.pool.fetch(
-        "SELECT name, project, state, job_state, item_ids FROM gemini_jobs WHERE batch_id = $1"
+        "SELECT name, project, state, job_state, item_ids FROM provider_jobs WHERE batch_id = $1"
         " ORDER BY created_at",
         uuid.UUID(batch_id),
     )
@@ -202,7 +202,7 @@ async def test_a_project_runs_at_most_max_jobs_at_once(res: Resources) -> None:
         assert results[0] == [[], []]
         assert sorted(r.status for r in results[1]) == ["succeeded", "succeeded"]
         rows = await res.pool.fetch(
-            "SELECT created_at, finished_at FROM gemini_jobs WHERE batch_id = $1"
+            "SELECT created_at, finished_at FROM provider_jobs WHERE batch_id = $1"
             " ORDER BY created_at",
             uuid.UUID(items[0].task.batch_id),
         )

@@ -285,7 +285,7 @@ async def claim_pending(
 
 async def requeue_inflight(conn: Conn, pipeline: str, *, older_than_s: float | None = None) -> int:
     """Put this pipeline's in-flight items back to pending (Redis lost them, or they are stuck),
-    except those a Gemini batch job holds."""
+    except those a provider's Batch API job holds."""
     status = await conn.execute(
         """
         UPDATE items SET state = 'pending', dispatched_at = NULL
@@ -295,11 +295,11 @@ async def requeue_inflight(conn: Conn, pipeline: str, *, older_than_s: float | N
               AND ($2::float8 IS NULL OR dispatched_at < now() - make_interval(secs => $2))
               AND batch_id IN (SELECT id FROM batches WHERE pipeline = $1
                                AND state IN ('queued', 'running', 'paused', 'cancelling'))
-              -- Items in a running Gemini batch job are neither lost nor stuck: the job's
-              -- collector finishes them (it may take Google hours).
-              AND NOT EXISTS (SELECT 1 FROM gemini_jobs g
-                              WHERE g.state = 'running' AND g.batch_id = items.batch_id
-                                AND items.id = ANY (g.item_ids))
+              -- Items in a running Batch API job are neither lost nor stuck: the job's
+              -- collector finishes them (it may take the provider hours).
+              AND NOT EXISTS (SELECT 1 FROM provider_jobs j
+                              WHERE j.state = 'running' AND j.batch_id = items.batch_id
+                                AND items.id = ANY (j.item_ids))
             -- In id order, skipping rows the writer is finishing: no deadlock with it.
             ORDER BY id FOR UPDATE SKIP LOCKED)
         """,
@@ -593,7 +593,7 @@ async def delete_batch(conn: asyncpg.Connection, batch_id: uuid.UUID) -> None:
             raise NotFound(f"no batch {batch_id}")
         if state in ACTIVE_BATCH_STATES:
             raise Conflict(f"cannot delete a batch that is {state}: cancel it first")
-        for table in ("results", "failures", "items", "gemini_jobs"):
+        for table in ("results", "failures", "items", "provider_jobs"):
             await conn.execute(f"DELETE FROM {table} WHERE batch_id = $1", batch_id)
         await conn.execute("DELETE FROM batches WHERE id = $1", batch_id)
 

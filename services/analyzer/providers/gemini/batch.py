@@ -7,9 +7,10 @@ the batch's budget at the batch price. Its stream entry stays unacknowledged mea
 group is sent (``client.aio.batches.create`` with the inline requests) when it holds
 ``GEMINI_BATCH_MAX_REQUESTS`` items, when one more image would pass the 20 MB inline limit,
 or ``GEMINI_BATCH_LINGER_S`` after its first item, and the job is written to the ledger
-(``gemini_jobs``); only then are the entries acknowledged, with no output: their items stay
-``analyzing``, and the reconciler leaves items of a running job alone. A group is at most
-one process's ``ANALYZE_CONCURRENCY`` items, since each holds an entry until it is sent.
+(``provider_jobs``, through ``jobs.JobStore``); only then are the entries acknowledged,
+with no output: their items stay ``analyzing``, and the reconciler leaves items of a
+running job alone. A group is at most one process's ``ANALYZE_CONCURRENCY`` items, since
+each holds an entry until it is sent.
 
 Collecting. Every analyzer replica polls the running jobs of its pipeline every
 ``GEMINI_BATCH_POLL_S`` (the row lock decides who collects a job). A finished job's answers
@@ -32,12 +33,10 @@ import asyncio
 import contextlib
 import logging
 import random
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
-import msgspec
 from google.genai import errors, types
 from prometheus_client import Counter
 
@@ -51,6 +50,7 @@ from imagestream.common.worker import Out
 
 from ...budget import Reservation
 from ...cache import AnalysisCache, ContentKey
+from ...jobs import JobStore
 from ..base import Halted, PaidError, pause_batch
 from . import reply
 from .keys import GeminiKey
@@ -73,7 +73,6 @@ _DONE = {
     types.JobState.JOB_STATE_EXPIRED: "expired",
     types.JobState.JOB_STATE_CANCELLED: "cancelled",
 }
-_tasks_codec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder(list[messages.AnalyzeTask])
 
 
 class ShuttingDown(Exception):
@@ -111,6 +110,7 @@ class GeminiBatchJobs:
         self.configs = BatchConfigs(res.pool)
         self.halted = HaltedBatches(res.redis, res.keys)
         self.cache = AnalysisCache(res)
+        self.store = JobStore(res, provider.name)
         self._groups: dict[tuple[str, str, str], _Group] = {}
         self._sending: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()
@@ -211,19 +211,13 @@ class GeminiBatchJobs:
     async def _record(
         self, job: types.BatchJob, project: str, group: _Group, lines: list[_Line]
     ) -> None:
-        tasks = [line.task for line in lines]
-        await self.res.pool.execute(
-            """
-            INSERT INTO gemini_jobs (name, batch_id, project, model, tasks, item_ids, reserved_nano)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
-            """,
-            job.name,
-            uuid.UUID(group.config.id),
-            project,
-            group.model,
-            _tasks_codec[0].encode(tasks),
-            [t.item_id for t in tasks],
-            sum(line.reservation.amount for line in lines if line.reservation),
+        await self.store.record(
+            str(job.name),
+            batch_id=group.config.id,
+            project=project,
+            model=group.model,
+            tasks=[line.task for line in lines],
+            reserved_nano=sum(line.reservation.amount for line in lines if line.reservation),
         )
         JOBS.labels("submitted").inc()
         log.info(
@@ -318,13 +312,7 @@ class GeminiBatchJobs:
         """The projects below GEMINI_BATCH_MAX_JOBS running jobs. Every pipeline's jobs
         count (the limit is the project's), except those sent over two days ago: Google
         has expired them by then, even if no analyzer of their pipeline is left to see it."""
-        rows = await self.res.pool.fetch(
-            "SELECT project, count(*) AS n FROM gemini_jobs"
-            " WHERE state = 'running' AND project = ANY($1::text[])"
-            " AND created_at > now() - interval '2 days' GROUP BY project",
-            projects,
-        )
-        running = {r["project"]: r["n"] for r in rows}
+        running = await self.store.running_per_project(projects)
         return [p for p in projects if running.get(p, 0) < self.settings.gemini_batch_max_jobs]
 
     async def _wait_turn(self, seconds: float) -> None:
@@ -359,34 +347,18 @@ class GeminiBatchJobs:
     async def collect(self) -> int:
         """Poll this pipeline's running jobs that are due; collect those that ended.
         Returns how many jobs were collected."""
-        names = await self.res.pool.fetch(
-            """
-            UPDATE gemini_jobs SET polled_at = now()
-            WHERE name IN (
-                SELECT g.name FROM gemini_jobs g JOIN batches b ON b.id = g.batch_id
-                WHERE g.state = 'running' AND b.pipeline = $1
-                  AND g.polled_at <= now() - make_interval(secs => $2)
-                ORDER BY g.polled_at LIMIT 50 FOR UPDATE OF g SKIP LOCKED)
-            RETURNING name
-            """,
-            self.res.keys.prefix,
-            self.settings.gemini_batch_poll_s * 0.9,
-        )
+        names = await self.store.due(self.settings.gemini_batch_poll_s * 0.9)
         collected = 0
-        for row in names:
+        for name in names:
             try:
-                collected += await self._poll(row["name"])
+                collected += await self._poll(name)
             except (errors.APIError, aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("polling Gemini batch job %s failed: %s", row["name"], exc)
+                log.warning("polling Gemini batch job %s failed: %s", name, exc)
         return collected
 
     async def _poll(self, name: str) -> int:
         async with self.res.pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT * FROM gemini_jobs WHERE name = $1 AND state = 'running'"
-                " FOR UPDATE SKIP LOCKED",
-                name,
-            )
+            row = await self.store.lock_running(conn, name)
             if row is None:
                 return 0  # collected meanwhile, or another replica holds it
             key = self._key_of(row["project"])
@@ -407,22 +379,14 @@ class GeminiBatchJobs:
                 if job.state not in _DONE:
                     if await self.halted.state(batch_id) == "cancelled":
                         await key.client.aio.batches.cancel(name=name)
-                    await conn.execute(
-                        "UPDATE gemini_jobs SET job_state = $2 WHERE name = $1", name, job_state
-                    )
+                    await self.store.polled(conn, name, job_state)
                     return 0
             outcome = _DONE.get(job.state, "failed") if job and job.state else "failed"
-            tasks = _tasks_codec[1].decode(row["tasks"])
+            tasks = self.store.tasks_of(row)
             answers = _answers_by_item(job)
             results, billed = await self._results(batch_id, row["model"], tasks, answers, reason)
             await streams.append(self.res.redis, self.res.keys.write, [p for _, p in results])
-            await conn.execute(
-                # The tasks are done with; the row stays, naming the job's items.
-                "UPDATE gemini_jobs SET state = 'collected', job_state = $2, finished_at = now(),"
-                " tasks = '' WHERE name = $1",
-                name,
-                job_state,
-            )
+            await self.store.collected(conn, name, job_state)
         count_usage(billed, row["project"])
         reserved = int(row["reserved_nano"])
         if reserved:
