@@ -30,7 +30,8 @@ from .procs import service_env
 
 ANALYSIS = ["tags", "category", "score", "count", "flag", "nested.a.b"]
 #: (url, metadata, outcome): outcome is an analysis dict (succeeded) or an error message.
-ITEMS: list[tuple[str, dict[str, Any], dict[str, Any] | str]] = [
+Items = list[tuple[str, dict[str, Any], dict[str, Any] | str]]
+ITEMS: Items = [
     (
         "https://img.example.com/a.jpg",
         {"sku": "=1+2", "note": "-5"},
@@ -46,12 +47,25 @@ ITEMS: list[tuple[str, dict[str, Any], dict[str, Any] | str]] = [
 ]  # fmt: skip
 
 
-async def make_batch(pool: asyncpg.Pool, pipeline: str) -> uuid.UUID:
-    """A finished batch of ITEMS, written through the ledger like the pipeline does."""
+async def make_batch(
+    pool: asyncpg.Pool,
+    pipeline: str,
+    items: Items = ITEMS,
+    analysis_schema: dict[str, Any] | None = None,
+    source_format: str = "csv",
+) -> uuid.UUID:
+    """A finished batch of ``items``, written through the ledger like the pipeline does;
+    its analysis columns are ANALYSIS, or the fields of ``analysis_schema``."""
     batch_id = await ledger.create_batch(
-        pool, ledger.NewBatch(name="exports", pipeline=pipeline, analysis_columns=ANALYSIS)
+        pool,
+        ledger.NewBatch(
+            name="exports",
+            pipeline=pipeline,
+            analysis_columns=list(analysis_schema or ANALYSIS),
+            analysis_schema=analysis_schema,
+        ),
     )
-    rows = [Row(line, url, meta) for line, (url, meta, _) in enumerate(ITEMS, 2)]
+    rows = [Row(line, url, meta) for line, (url, meta, _) in enumerate(items, 2)]
     async with pool.acquire() as conn:
         await ledger.insert_items(conn, batch_id, rows)
         ids = {
@@ -59,7 +73,7 @@ async def make_batch(pool: asyncpg.Pool, pipeline: str) -> uuid.UUID:
             for r in await conn.fetch("SELECT id, url FROM items WHERE batch_id = $1", batch_id)
         }
         results = []
-        for url, _, outcome in ITEMS:
+        for url, _, outcome in items:
             common = {"batch_id": str(batch_id), "item_id": ids[url]}
             if isinstance(outcome, dict):
                 results.append(
@@ -87,7 +101,8 @@ async def make_batch(pool: asyncpg.Pool, pipeline: str) -> uuid.UUID:
                     )
                 )
         await ledger.apply_results(conn, results)
-        await ledger.finish_ingest(conn, batch_id, "csv", ["sku", "note"])
+        columns = list(dict.fromkeys(key for _, meta, _ in items for key in meta))
+        await ledger.finish_ingest(conn, batch_id, source_format, columns)
     return batch_id
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -51,6 +51,8 @@ class NewBatch:
     source_name: str | None = None
     source_format: str | None = None
     analysis_columns: Sequence[str] = ()
+    #: JSON Schema of each analysis column (see Provider.schema).
+    analysis_schema: Mapping[str, Any] | None = None
     budget_usd: float | None = None
 
 
@@ -58,8 +60,9 @@ async def create_batch(conn: Conn, batch: NewBatch) -> uuid.UUID:
     batch_id: uuid.UUID = await conn.fetchval(
         """
         INSERT INTO batches (name, analyzer, profile, model, options, source_name,
-                             source_format, analysis_columns, budget_usd, pipeline)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id
+                             source_format, analysis_columns, analysis_schema, budget_usd,
+                             pipeline)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id
         """,
         batch.name,
         batch.analyzer,
@@ -69,6 +72,7 @@ async def create_batch(conn: Conn, batch: NewBatch) -> uuid.UUID:
         batch.source_name,
         batch.source_format,
         list(batch.analysis_columns),
+        dict(batch.analysis_schema) if batch.analysis_schema is not None else None,
         batch.budget_usd,
         batch.pipeline,
     )

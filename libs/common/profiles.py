@@ -44,6 +44,10 @@ from .settings import environment
 DEFAULT_PROFILE = "describe"
 #: Columns every Gemini result has after the profile's own.
 BLOCK_COLUMNS = ("blocked", "block_reason")
+_BLOCK_SCHEMAS: dict[str, dict[str, Any]] = {
+    "blocked": {"type": "boolean"},
+    "block_reason": {"type": ["string", "null"]},
+}
 MediaResolution = Literal["low", "medium", "high"]
 SafetyThreshold = Literal[
     "BLOCK_NONE", "OFF", "BLOCK_ONLY_HIGH", "BLOCK_MEDIUM_AND_ABOVE", "BLOCK_LOW_AND_ABOVE"
@@ -93,6 +97,8 @@ class CompiledProfile:
     #: ``name@hash`` of everything that changes the answer (the model aside).
     key: str
     columns: list[str]
+    #: The JSON Schema of each column's values (a flattened object's children their own).
+    column_schemas: dict[str, dict[str, Any]]
     result_type: Any
     nested: frozenset[str]
     #: The schema as sent (``responseJsonSchema`` keeps the order of ``properties``, so
@@ -226,7 +232,7 @@ def compile_profile(name: str, profile: Profile) -> CompiledProfile:
     if schema.get("type") != "object":
         raise ProfileError("response_schema: the answer must be an object (type: object)")
     result_type = _compile(schema, "response_schema", [])
-    columns: list[str] = []
+    column_schemas: dict[str, dict[str, Any]] = {}
     nested: set[str] = set()
     for prop in _ordered(schema):
         if prop in BLOCK_COLUMNS:
@@ -236,9 +242,11 @@ def compile_profile(name: str, profile: Profile) -> CompiledProfile:
             isinstance(sub.get("type"), list) and "object" in sub["type"]
         ):
             nested.add(prop)
-            columns += [f"{prop}.{child}" for child in _ordered(sub)]
+            for child in _ordered(sub):
+                column_schemas[f"{prop}.{child}"] = sub["properties"][child]
         else:
-            columns.append(prop)
+            column_schemas[prop] = sub
+    column_schemas |= _BLOCK_SCHEMAS
     request_schema = _without_ordering(schema)
     answer_affecting = msgspec.to_builtins(profile)
     for ignored in ("description", "model", "expected_output_tokens"):
@@ -248,7 +256,8 @@ def compile_profile(name: str, profile: Profile) -> CompiledProfile:
         name=name,
         profile=profile,
         key=f"{name}@{digest.hexdigest()[:12]}",
-        columns=[*columns, *BLOCK_COLUMNS],
+        columns=list(column_schemas),
+        column_schemas=column_schemas,
         result_type=result_type,
         nested=frozenset(nested),
         request_schema=request_schema,

@@ -13,7 +13,20 @@ import asyncpg
 
 from imagestream.common import ledger
 
-ANALYSIS_COLUMNS = ("brightness", "sharpness", "is_blurry", "tags", "category", "dominant_colors")
+_NUMBER = {"type": "number"}
+#: The analysis fields of the rows, with their types as a provider would declare them.
+ANALYSIS_SCHEMA = {
+    "brightness": _NUMBER,
+    "sharpness": _NUMBER,
+    "is_blurry": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "category": {"type": "string"},
+    "dominant_colors": {
+        "type": "array",
+        "items": {"type": "object", "properties": {"hex": {"type": "string"}, "share": _NUMBER}},
+    },
+}
+ANALYSIS_COLUMNS = tuple(ANALYSIS_SCHEMA)
 METADATA_COLUMNS = ("sku", "title")
 
 
@@ -29,6 +42,7 @@ async def finished_batch(
             source_name=f"{name}.csv",
             source_format="csv",
             analysis_columns=ANALYSIS_COLUMNS,
+            analysis_schema=ANALYSIS_SCHEMA,
         ),
     )
     async with pool.acquire() as conn, conn.transaction():

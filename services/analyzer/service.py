@@ -175,13 +175,16 @@ class Analyzer:
         return [self._succeeded(task, provider, analysis, cache_hit=False)]
 
     async def _record_columns(self, provider: Provider, config: BatchConfig) -> None:
-        """Tell the ledger which analysis fields this batch's exports will show."""
+        """Tell the ledger which analysis fields this batch's exports will show, and their
+        types."""
         if config.id in self._columns_recorded:
             return
         await self.res.pool.execute(
-            "UPDATE batches SET analysis_columns = $2 WHERE id = $1 AND analysis_columns = '{}'",
+            "UPDATE batches SET analysis_columns = $2, analysis_schema = $3"
+            " WHERE id = $1 AND analysis_columns = '{}'",
             uuid.UUID(config.id),
             provider.columns(config),
+            provider.schema(config),
         )
         self._columns_recorded.add(config.id)
 

@@ -80,6 +80,11 @@ class Provider(Protocol):
         """The analysis fields this provider returns for the batch, in export order."""
         ...
 
+    def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
+        """The JSON Schema of each of ``columns``' fields' values: exports type their
+        columns by it (Parquet), a field left out is exported as text."""
+        ...
+
     def cache_key(self, config: BatchConfig) -> tuple[str, str]:
         """(profile key, model): with the content's sha256 and the provider's name, what
         identifies an analysis in the cache. Change the profile key when answers change."""

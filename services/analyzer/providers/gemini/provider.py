@@ -306,6 +306,9 @@ class GeminiProvider:
     def columns(self, config: BatchConfig) -> list[str]:
         return self._choice(config)[0].columns
 
+    def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
+        return self._choice(config)[0].column_schemas
+
     def cache_key(self, config: BatchConfig) -> tuple[str, str]:
         compiled, model = self._choice(config)
         return compiled.key, model

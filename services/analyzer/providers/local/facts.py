@@ -2,7 +2,8 @@
 
 The fetcher hands over an analysis-sized image (JPEG or PNG, EXIF orientation applied,
 long side at most 768 px by default) and the ``ImageFacts`` of the original. ``analyze``
-turns them into one flat, JSON-serialisable dict whose keys are ``COLUMNS``.
+turns them into one flat, JSON-serialisable dict whose keys are ``COLUMNS`` (typed by
+``SCHEMA``).
 
 Determinism: the same bytes and facts give exactly the same dict on every machine with the
 same Pillow build (decoders differ between libjpeg versions, not between runs). Pillow
@@ -27,26 +28,38 @@ from PIL import Image
 
 from imagestream.common.messages import ImageFacts
 
-__all__ = ["BLUR_THRESHOLD", "COLUMNS", "analyze", "hamming"]
+__all__ = ["BLUR_THRESHOLD", "COLUMNS", "SCHEMA", "analyze", "hamming"]
 
-#: Names of the analysis fields, in the order exports show them (as flat column names,
-#: without the "analysis." prefix). Exports rely on this list; keep it in sync with analyze().
-COLUMNS: tuple[str, ...] = (
-    "mode",
-    "megapixels",
-    "aspect_ratio",
-    "brightness",
-    "contrast",
-    "sharpness",
-    "is_blurry",
-    "is_blank",
-    "dominant_colors",
-    "phash",
-    "exif_camera",
-    "exif_taken_at",
-    "exif_orientation",
-    "exif_has_gps",
-)
+_NUMBER: Final = {"type": "number"}
+_OPTIONAL_TEXT: Final = {"type": ["string", "null"]}
+#: The analysis fields, in the order exports show them (as flat column names, without the
+#: "analysis." prefix), each with the JSON Schema of its values (Parquet exports type their
+#: columns by it). Exports rely on this; keep it in sync with analyze().
+SCHEMA: Final[dict[str, dict[str, Any]]] = {
+    "mode": _OPTIONAL_TEXT,
+    "megapixels": _NUMBER,
+    "aspect_ratio": {"type": ["number", "null"]},
+    "brightness": _NUMBER,
+    "contrast": _NUMBER,
+    "sharpness": _NUMBER,
+    "is_blurry": {"type": "boolean"},
+    "is_blank": {"type": "boolean"},
+    "dominant_colors": {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"hex": {"type": "string"}, "share": _NUMBER},
+            "required": ["hex", "share"],
+        },
+    },
+    "phash": {"type": "string"},
+    "exif_camera": _OPTIONAL_TEXT,
+    # EXIF times carry no zone: the camera's clock, as written.
+    "exif_taken_at": {"type": ["string", "null"], "format": "date-time"},
+    "exif_orientation": {"type": ["integer", "null"]},
+    "exif_has_gps": {"type": "boolean"},
+}
+COLUMNS: Final[tuple[str, ...]] = tuple(SCHEMA)
 
 #: Long side of the grayscale on which brightness, contrast and sharpness are measured.
 #: The variance of the Laplacian grows with the amount of detail per pixel, so it is only

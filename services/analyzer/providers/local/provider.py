@@ -7,6 +7,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
@@ -36,6 +37,9 @@ class LocalProvider:
 
     def columns(self, config: BatchConfig) -> list[str]:
         return list(local.COLUMNS)
+
+    def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
+        return dict(local.SCHEMA)
 
     def cache_key(self, config: BatchConfig) -> tuple[str, str]:
         return LOCAL_VERSION, ""
