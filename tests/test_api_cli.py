@@ -115,7 +115,7 @@ async def test_errors_are_one_line(api: Api, tmp_path: Path) -> None:
     code, _, err = await cli(api, "submit", str(tmp_path / "missing.csv"))
     assert code == 1 and "is not a file" in err
     code, _, err = await cli(api, "export", "x", "-o", str(tmp_path / "out.pdf"))
-    assert code == 1 and "cannot tell the format" in err
+    assert code == 1 and "cannot tell the export format" in err
     listing = tmp_path / "viewer.csv"
     listing.write_text("url\nhttp://127.0.0.1:9/a.jpg\n")
     code, _, err = await cli(api, "submit", str(listing), token=api.viewer)

@@ -62,7 +62,8 @@ def test_join() -> None:
     assert storage.join("s3://bk1/out", "x.csv") == "s3://bk1/out/x.csv"
     assert storage.join("s3://bk1", "x.csv") == "s3://bk1/x.csv"
     assert storage.join("gs://bk1/p/", "part-00000.parquet") == "gs://bk1/p/part-00000.parquet"
-    assert storage.join("/tmp/out/", "x.csv") == "file:///tmp/out/x.csv"
+    assert storage.join("/tmp/out/", "x.csv") == "/tmp/out/x.csv"
+    assert storage.join("file:///tmp/out", "x.csv") == "file:///tmp/out/x.csv"
 
 
 def test_bucket_allow_lists() -> None:

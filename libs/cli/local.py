@@ -17,14 +17,15 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imagestream.common import export, ledger, pricing, profiles, providers, tokens
+from imagestream.common import export, ledger, pricing, profiles, providers, storage, tokens
 from imagestream.common.connections import Resources
 from imagestream.common.inputs import InputError
 from imagestream.common.keys import Keys
 from imagestream.common.settings import CommonSettings
+from imagestream.common.storage import StorageError
 from imagestream.ingest.service import ingest_list
 
-from . import pipeline
+from . import outputs, pipeline
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
@@ -62,7 +63,10 @@ async def folder_list(folder: Path) -> AsyncIterator[bytes]:
 @dataclass
 class RunOptions:
     input: Path
-    output: Path | None
+    #: Results file, folder, or object-storage URL or prefix (see outputs.py).
+    output: str | None
+    #: Format of the results when ``output`` is a folder or prefix (or to override).
+    format: str | None = None
     analyzer: str = "local"
     profile: str | None = None
     model: str | None = None
@@ -80,17 +84,20 @@ class RunReport:
     batch: Any
     elapsed_s: float
     errors: dict[str, int]
-    output: Path | None
+    #: Where the results were written.
+    output: str | None
 
 
-def _check_output(path: Path | None) -> export.Sink | None:
-    if path is None:
+async def _check_output(output: str | None, fmt: str | None) -> export.Sink | None:
+    if output is None:
+        if fmt is not None:
+            raise UsageError("--format needs -o (where to write the results)")
         return None
-    sink = export.sink_for_path(str(path))
-    if sink is None:
-        raise UsageError(f"cannot tell the export format of {path}: use {export.suffixes()}")
-    if not path.parent.exists():
-        raise UsageError(f"folder {path.parent} does not exist")
+    try:
+        sink = outputs.results_sink(output, fmt)
+        await storage.check_destination(output)
+    except StorageError as exc:
+        raise UsageError(str(exc)) from None
     return sink
 
 
@@ -99,7 +106,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
     source = options.input
     if not source.exists():
         raise UsageError(f"{source} does not exist")
-    sink = _check_output(options.output)
+    sink = await _check_output(options.output, options.format)
     try:
         choice = providers.resolve_batch(
             {
@@ -168,10 +175,12 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
                 await services
             await _forget_keys(res)
         elapsed = time.perf_counter() - started
+        written = None
         if options.output is not None and sink is not None:
-            await export_to_file(res, batch_id, options.output, sink)
+            written = outputs.results_url(options.output, str(batch_id), sink)
+            await export_results(res, batch_id, written, sink)
         errors = await ledger.error_counts(res.pool, batch_id)
-    return RunReport(batch, elapsed, errors, options.output)
+    return RunReport(batch, elapsed, errors, written)
 
 
 async def _wait(
@@ -211,16 +220,13 @@ async def _forget_keys(res: Resources) -> None:
         await res.redis.delete(key)
 
 
-async def export_to_file(
-    res: Resources, batch_id: uuid.UUID, path: Path, sink: export.Sink
-) -> None:
+async def export_results(res: Resources, batch_id: uuid.UUID, url: str, sink: export.Sink) -> None:
+    """The batch's results, streamed to a file or object (which appears only when whole)."""
     batch = await ledger.batch(res.pool, batch_id)
     selection = export.Selection(res.pool, batch_id, export.batch_layout(batch))
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("wb") as handle:
+    async with storage.open_write(url) as out:
         async for piece in sink.write(selection):
-            await asyncio.to_thread(handle.write, piece)
-    partial.replace(path)
+            await out.write(piece)
 
 
 def summary(report: RunReport) -> str:

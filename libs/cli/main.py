@@ -15,6 +15,7 @@ from imagestream.common import db, export, settings, tokens
 from imagestream.common.connections import ConnectError
 from imagestream.common.logging import configure_logging
 from imagestream.common.runtime import run
+from imagestream.common.storage import StorageError
 
 from . import local, pipeline, remote
 
@@ -40,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "-o",
         "--output",
-        type=Path,
-        help=f"results file; the format comes from the extension ({export.suffixes()})",
+        help=f"results: a file (format from its extension: {export.suffixes()}), a folder, or"
+        " an s3://, gs:// or file:// URL or prefix (a folder or prefix gets <batch id>.<format>)",
+    )
+    p.add_argument(
+        "--format",
+        choices=export.FORMATS,
+        help="results format when -o is a folder or prefix (default csv)",
     )
     p.add_argument("--analyzer", default=None, help="local (default) or gemini")
     p.add_argument("--profile", help="analysis profile (gemini)")
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(exc), 2)
     except local.UsageError as exc:
         _fail(str(exc), 2)
+    except StorageError as exc:
+        _fail(str(exc), 1)
     except ConnectError as exc:
         _fail(str(exc), 1)
     except KeyboardInterrupt:
@@ -159,6 +167,7 @@ def cmd_analyze(args: argparse.Namespace, env: dict[str, str]) -> int:
     options = local.RunOptions(
         input=args.input,
         output=args.output,
+        format=args.format,
         analyzer=analyzer,
         profile=args.profile,
         model=args.model,

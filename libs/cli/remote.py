@@ -21,7 +21,10 @@ import aiohttp
 import orjson
 from tqdm import tqdm
 
-from imagestream.common import export
+from imagestream.common import export, storage
+from imagestream.common.storage import StorageError
+
+from . import outputs
 
 DEFAULT_URL = "http://127.0.0.1:5001"
 FINISHED = ("completed", "completed_with_errors", "cancelled", "failed")
@@ -62,7 +65,18 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--stage", action="append", default=[], help="only failures at this stage")
     p = sub.add_parser("export", help="download a batch's results" + note)
     p.add_argument("id")
-    p.add_argument("-o", "--output", type=Path, required=True, help=export.suffixes())
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help=f"a file ({export.suffixes()}), a folder, or an s3://, gs:// or file:// URL or"
+        " prefix (a folder or prefix gets <batch id>.<format>)",
+    )
+    p.add_argument(
+        "--format",
+        choices=export.FORMATS,
+        help="format when -o is a folder or prefix (default csv)",
+    )
     p.add_argument("--state", action="append", default=[], help="only items in this state")
     p.add_argument("--error-class", action="append", default=[], help="only this error class")
     p.add_argument(
@@ -202,16 +216,15 @@ async def replay(client: Client, args: argparse.Namespace) -> int:
 
 
 async def export_results(client: Client, args: argparse.Namespace) -> int:
-    output: Path = args.output
-    sink = export.sink_for_path(str(output))
-    if sink is None:
-        raise RemoteError(f"cannot tell the format of {output}: use {export.suffixes()}")
-    if not output.parent.is_dir():
-        raise RemoteError(f"folder {output.parent} does not exist")
+    try:
+        sink = outputs.results_sink(args.output, args.format)
+        url = outputs.results_url(args.output, args.id, sink)
+        await storage.check_destination(url)
+    except StorageError as exc:
+        raise RemoteError(str(exc)) from None
     query: list[tuple[str, str]] = [("format", sink.name)]
     query += [("state", s) for s in args.state] + [("error_class", e) for e in args.error_class]
     query += [("field", f) for f in args.field]
-    partial = output.with_name(output.name + ".partial")
     started = time.perf_counter()
     size = 0
     async with client.session() as http:
@@ -221,16 +234,17 @@ async def export_results(client: Client, args: argparse.Namespace) -> int:
             ) as response:
                 if response.status >= 400:
                     raise RemoteError(_error_text(response.status, await response.read()))
-                with partial.open("wb") as handle:
+                # Streamed through: the file or object appears only when it is whole.
+                async with storage.open_write(url) as out:
                     async for chunk in response.content.iter_chunked(1 << 20):
-                        await asyncio.to_thread(handle.write, chunk)
+                        await out.write(chunk)
                         size += len(chunk)
         except aiohttp.ClientError as exc:
-            partial.unlink(missing_ok=True)
             raise RemoteError(f"export from {client.base} failed: {exc}") from None
-    partial.replace(output)
+        except StorageError as exc:
+            raise RemoteError(str(exc)) from None
     elapsed = time.perf_counter() - started
-    print(f"wrote {size:,} bytes to {output} in {elapsed:.1f} s", file=sys.stderr)
+    print(f"wrote {size:,} bytes to {url} in {elapsed:.1f} s", file=sys.stderr)
     return 0
 
 

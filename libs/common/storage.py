@@ -134,7 +134,40 @@ def join(url: str, name: str) -> str:
     """``name`` inside the prefix (or folder) ``url``: ``s3://b/out/`` + ``x.csv``."""
     location = parse(url)
     key = location.key if location.is_prefix else location.key + "/"
+    if "://" not in url:  # a path stays a path
+        return key + name
     return Location(location.scheme, location.bucket, key + name).url
+
+
+def resolve_name(url: str, name: str) -> str:
+    """``url`` itself, or ``name`` inside it when it is a prefix (``s3://b/out/``) or an
+    existing local folder."""
+    location = parse(url)
+    if location.is_prefix or (location.scheme == "file" and os.path.isdir(location.key)):
+        return join(url, name)
+    return url
+
+
+async def check_destination(url: str) -> None:
+    """StorageError now, rather than after a long run, if ``url`` certainly cannot be
+    written: its folder or bucket does not exist. (Permissions show only on writing.)"""
+    location = parse(url)
+    if location.scheme == "file":
+        folder = location.key if location.is_prefix else os.path.dirname(location.key)
+        if not os.path.isdir(folder):
+            raise StorageError(f"folder {folder} does not exist", "invalid")
+        return
+    prefix = location.key if location.is_prefix else location.key.rpartition("/")[0]
+    try:
+        await obstore.list_with_delimiter_async(_store(location), prefix or None)
+    except Exception as exc:
+        failure = _failure(location, exc)
+        if failure.failure == "not_found":
+            raise StorageError(
+                f"bucket {location.scheme}://{location.bucket} does not exist", "not_found"
+            ) from None
+        if failure.failure != "denied":  # listing may be denied where writing is allowed
+            raise failure from None
 
 
 # ---------------------------------------------------------------- stores
@@ -176,6 +209,11 @@ def _failure(location: Location, exc: Exception) -> StorageError:
     if isinstance(exc, OSError) and exc.strerror:
         return StorageError(f"{location}: {exc.strerror}", "failed")
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    # Some answers reach us only as a generic error (a listing of a missing bucket).
+    if " 404 Not Found" in first:
+        return StorageError(f"{location}: not found", "not_found")
+    if " 403 Forbidden" in first:
+        return StorageError(f"{location}: access denied", "denied")
     # obstore's first line is "<what> ... Error performing GET http://... - <status>"; the
     # status line is what tells the user something, the endpoint and timings are noise.
     first = first.rsplit(" - ", 1)[-1]
