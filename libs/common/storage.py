@@ -154,7 +154,7 @@ async def check_destination(url: str) -> None:
     location = parse(url)
     if location.scheme == "file":
         folder = location.key if location.is_prefix else os.path.dirname(location.key)
-        if not os.path.isdir(folder):
+        if not await asyncio.to_thread(os.path.isdir, folder):
             raise StorageError(f"folder {folder} does not exist", "invalid")
         return
     prefix = location.key if location.is_prefix else location.key.rpartition("/")[0]
