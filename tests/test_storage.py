@@ -1,5 +1,6 @@
 """libs/common/storage.py against moto's S3 server on 127.0.0.1, reached by obstore over
-HTTP, and against local files. GCS: URL parsing only (no GCS server runs here)."""
+HTTP; against local files; web URLs through the address guard against a loopback server.
+GCS: URL parsing only (no GCS server runs here)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import boto3
 import pytest
 
 from imagestream.common import storage
+from imagestream.common.guard import AddressPolicy, parse_cidrs
 from imagestream.common.storage import StorageError
+from imagestream.devtools.imageserver import ImageServer, Reply
 
 
 def _s3(endpoint: str) -> object:
@@ -153,3 +156,45 @@ async def test_files(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="not found"):
         async for _ in storage.read_chunks(str(tmp_path / "missing.csv")):
             pass
+
+
+# ---------------------------------------------------------------- web URLs (lists)
+async def test_web_urls_pass_the_address_guard() -> None:
+    listing = b"url\n" + b"".join(b"https://example.org/%d.jpg\n" % i for i in range(5000))
+    server = ImageServer(
+        {
+            "urls.csv": Reply(listing, content_type="text/csv"),
+            "moved": Reply(status=302, headers={"Location": "/urls.csv"}),
+            "to-metadata": Reply(
+                status=302, headers={"Location": "http://169.254.169.254/latest/meta-data/"}
+            ),
+            "private": Reply(status=403),
+        }
+    )
+    await server.start()
+    loopback = AddressPolicy(parse_cidrs(["127.0.0.1/32"]))
+    try:
+
+        async def read(url: str, policy: AddressPolicy | None) -> bytes:
+            return b"".join([p async for p in storage.read_chunks(url, policy=policy)])
+
+        # Loopback is refused by default, before any request is sent.
+        with pytest.raises(StorageError, match="not public") as caught:
+            await read(server.url("urls.csv") + "?token=sekrit", None)
+        assert caught.value.failure == "blocked"
+        assert "sekrit" not in str(caught.value)
+        assert server.hits == {}
+        assert await read(server.url("urls.csv"), loopback) == listing
+        assert await read(server.url("moved"), loopback) == listing
+        # A redirect is checked again: the metadata address is never connected to.
+        with pytest.raises(StorageError, match=r"169\.254\.169\.254 is not public") as caught:
+            await read(server.url("to-metadata"), loopback)
+        assert caught.value.failure == "blocked"
+        with pytest.raises(StorageError, match="HTTP 403") as caught:
+            await read(server.url("private"), loopback)
+        assert caught.value.failure == "denied"
+        with pytest.raises(StorageError, match="HTTP 404") as caught:
+            await read(server.url("gone"), loopback)
+        assert caught.value.failure == "not_found"
+    finally:
+        await server.stop()

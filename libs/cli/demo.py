@@ -61,7 +61,7 @@ async def demo(env: Mapping[str, str], stop: asyncio.Event) -> int:
             output = Path.cwd() / "imagestream-demo-results.csv"
             # The samples are served on loopback, which the fetcher refuses by default.
             demo_env = {**env, "FETCH_ALLOWED_CIDRS": "127.0.0.1/32"}
-            options = local.RunOptions(input=listing, output=str(output), name="demo")
+            options = local.RunOptions(input=str(listing), output=str(output), name="demo")
             report = await local.analyze(demo_env, options, stop)
     finally:
         await runner.cleanup()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
@@ -62,7 +63,8 @@ async def folder_list(folder: Path) -> AsyncIterator[bytes]:
 
 @dataclass
 class RunOptions:
-    input: Path
+    #: A list file, a folder of images, or a list's s3://, gs:// or http(s) URL.
+    input: str
     #: Results file, folder, or object-storage URL or prefix (see outputs.py).
     output: str | None
     #: Format of the results when ``output`` is a folder or prefix (or to override).
@@ -101,11 +103,23 @@ async def _check_output(output: str | None, fmt: str | None) -> export.Sink | No
     return sink
 
 
+def _url_file_name(url: str) -> str:
+    return unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2]) or "list"
+
+
 async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Event) -> RunReport:
     """Run one list through an in-process pipeline and export its results."""
     source = options.input
-    if not source.exists():
+    web_list = source.lower().startswith(("http://", "https://"))
+    try:
+        location = None if web_list else storage.parse(source)
+    except StorageError as exc:
+        raise UsageError(str(exc)) from None
+    path = Path(location.key) if location is not None and location.scheme == "file" else None
+    if path is not None and not path.exists():
         raise UsageError(f"{source} does not exist")
+    # A list's name (its extension tells its format): the file's, or the URL path's end.
+    list_name = path.name if path is not None else _url_file_name(source)
     sink = await _check_output(options.output, options.format)
     try:
         choice = providers.resolve_batch(
@@ -123,7 +137,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
         )
     except profiles.ProfileError as exc:
         raise UsageError(str(exc)) from None
-    is_folder = source.is_dir()
+    is_folder = path is not None and path.is_dir()
     configured = pipeline.load_all(env, pipeline.PIPELINE)
     common: CommonSettings = configured["ingest"]
     # A private key prefix: this run's services take only this run's batch, even when
@@ -141,13 +155,13 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
         batch_id = await ledger.create_batch(
             res.pool,
             ledger.NewBatch(
-                name=options.name or source.name,
+                name=options.name or list_name,
                 pipeline=prefix,
                 analyzer=choice.analyzer,
                 profile=choice.profile,
                 model=choice.model,
                 budget_usd=choice.budget_usd,
-                source_name=None if is_folder else source.name,
+                source_name=None if is_folder else list_name,
                 options={**choice.options, "allow_file": True} if is_folder else choice.options,
             ),
         )
@@ -157,13 +171,16 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
         )
         started = time.perf_counter()
         try:
-            chunks = folder_list(source) if is_folder else file_chunks(source)
+            if path is None:
+                chunks = storage.read_chunks(source, policy=common.list_address_policy())
+            else:
+                chunks = folder_list(path) if is_folder else file_chunks(path)
             try:
                 await ingest_list(
                     res,
                     batch_id,
                     chunks,
-                    filename="list.txt" if is_folder else source.name,
+                    filename="list.txt" if is_folder else list_name,
                     allow_file=is_folder,
                 )
             except InputError as exc:

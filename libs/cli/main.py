@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "input",
-        type=Path,
-        help="a CSV, TXT or JSONL list of URLs (optionally .gz), or a folder of images",
+        help="a CSV, TXT or JSONL list of URLs (optionally .gz), a folder of images, or a"
+        " list's s3://, gs:// or https:// URL",
     )
     p.add_argument(
         "-o",

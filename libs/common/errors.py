@@ -18,6 +18,8 @@ class ErrorClass(StrEnum):
     CONNECTION_ERROR = "connection_error"
     TOO_MANY_REDIRECTS = "too_many_redirects"
     BLOCKED_ADDRESS = "blocked_address"
+    #: An s3:// or gs:// image in a bucket that FETCH_ALLOWED_BUCKETS does not name.
+    BUCKET_NOT_ALLOWED = "bucket_not_allowed"
     # Fetch: HTTP status
     NOT_FOUND = "not_found"
     HTTP_CLIENT_ERROR = "http_client_error"

@@ -38,8 +38,10 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
+from yarl import URL
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -169,6 +171,30 @@ def literal_address(host: str) -> IPAddress | None:
             f"host {host!r} is an integer, hex, octal or shortened IPv4 spelling; "
             "only the dotted form a.b.c.d is accepted"
         ) from None
+
+
+def check_url(url: URL, policy: AddressPolicy) -> None:
+    """BlockedAddressError unless ``url`` is http(s) with a host the policy allows by syntax
+    (a literal address judged here; a name is judged after resolution, at connect time).
+    Check every hop: a redirect is a new URL."""
+    host = url.raw_host
+    if url.scheme not in ("http", "https") or not host:
+        raise BlockedAddressError(f"not an http(s) URL: {url.scheme or '?'}://")
+    address = literal_address(host)
+    if address is not None:
+        policy.check(address)
+
+
+def guarded_connector(policy: AddressPolicy, **options: Any) -> aiohttp.TCPConnector:
+    """An aiohttp connector that reaches only addresses the policy allows (layers 2 and 3);
+    ``options`` are the TCPConnector's (limits, DNS cache). Pair it with ``check_url`` on
+    every URL requested, and a session with ``trust_env=False`` (no proxy the guard cannot
+    see)."""
+    return aiohttp.TCPConnector(
+        resolver=GuardedResolver(policy),
+        socket_factory=guarded_socket_factory(policy),
+        **options,
+    )
 
 
 class GuardedResolver(AbstractResolver):

@@ -26,6 +26,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import orjson
 
+from . import storage
+
 Format = Literal["csv", "txt", "jsonl"]
 MAX_URL_LENGTH = 4096
 _SNIFF_BYTES = 64 * 1024
@@ -82,8 +84,10 @@ def normalize_url(raw: str, *, allow_file: bool = False) -> str:
     scheme = parts.scheme.lower()
     if scheme == "file" and allow_file:
         return urlunsplit(("file", "", quote(parts.path, safe="/%"), "", ""))
+    if scheme in ("s3", "gs"):
+        return _object_url(text)
     if scheme not in ("http", "https"):
-        raise ValueError(f"scheme {scheme or 'missing'!r} is not http or https")
+        raise ValueError(f"scheme {scheme or 'missing'!r} is not http, https, s3 or gs")
     try:
         host = parts.hostname
         port = parts.port
@@ -115,6 +119,18 @@ def normalize_url(raw: str, *, allow_file: bool = False) -> str:
     if _NEEDS_QUOTING_QUERY.search(query):
         query = quote(query, safe=_QUERY_SAFE)
     return urlunsplit((scheme, netloc, path, query, ""))
+
+
+def _object_url(text: str) -> str:
+    """The canonical form of an s3:// or gs:// image URL (whether the fetcher may read its
+    bucket is the fetcher's FETCH_ALLOWED_BUCKETS to say)."""
+    try:
+        location = storage.parse(text)
+    except storage.StorageError as exc:
+        raise ValueError(str(exc)) from None
+    if location.is_prefix:
+        raise ValueError("URL names a bucket or prefix, not an object")
+    return location.url
 
 
 def format_from_name(name: str | None) -> Format | None:

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import msgspec
 from dotenv import dotenv_values
 
+from . import guard
+
 
 class SettingsError(Exception):
     """A setting is missing or invalid; the message is one line naming the variable."""
@@ -47,14 +49,24 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: How often a service pings Redis/PostgreSQL and (one process per deployment, by lease)
     #: collects the stream, dead-stream and batch gauges for /metrics (seconds).
     observe_interval_s: float = 15.0
+    #: CIDR ranges a list at an http(s) URL may come from although private or loopback.
+    list_allowed_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        try:
+            guard.parse_cidrs(self.list_allowed_cidrs)
+        except ValueError as exc:
+            raise ValueError(f"LIST_ALLOWED_CIDRS: {exc}") from None
         if self.shutdown_grace_s <= 0:
             raise ValueError("SHUTDOWN_GRACE_S must be > 0")
         if self.observe_interval_s <= 0:
             raise ValueError("OBSERVE_INTERVAL_S must be > 0")
+
+    def list_address_policy(self) -> guard.AddressPolicy:
+        """Where a list at an http(s) URL may be fetched from."""
+        return guard.AddressPolicy(guard.parse_cidrs(self.list_allowed_cidrs))
 
 
 class StreamSettings(CommonSettings, kw_only=True, frozen=True):

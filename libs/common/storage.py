@@ -1,6 +1,7 @@
 """Object storage by URL: streamed writes (exports) and reads (lists, images).
 
-URLs: ``s3://bucket/key``, ``gs://bucket/key``, ``file:///abs/path`` or a plain path.
+URLs: ``s3://bucket/key``, ``gs://bucket/key``, ``file:///abs/path`` or a plain path; for
+reading also ``https://`` (and ``http://``), through the address guard (``guard.py``).
 
 The client is obstore (Rust ``object_store``), chosen by measurement against fsspec/s3fs
 (``bench/storage.py``, ``bench/RESULTS.md``): on the same moto S3 server it used 4-7x less
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
+import aiohttp
 import obstore
 from obstore.exceptions import (
     NotFoundError,
@@ -43,6 +45,10 @@ from obstore.exceptions import (
     UnauthenticatedError,
 )
 from obstore.store import GCSStore, S3Store
+from yarl import URL
+
+from . import guard
+from .guard import AddressPolicy
 
 if TYPE_CHECKING:
     from obstore import GetOptions
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Scheme = Literal["s3", "gs", "file"]
-Failure = Literal["invalid", "not_found", "denied", "too_large", "failed"]
+Failure = Literal["invalid", "not_found", "denied", "blocked", "too_large", "failed"]
 
 #: Pieces buffered before a multipart part goes out (S3's minimum part is 5 MiB), and
 #: parts in flight at once: together they bound a writer's memory (~32 MiB).
@@ -60,10 +66,17 @@ PARTS_IN_FLIGHT = 4
 #: Pieces of a streamed read, and the bytes one GET of it covers (see ``read_chunks``).
 READ_BYTES = 1024 * 1024
 SEGMENT_BYTES = 64 * 1024 * 1024
+#: Redirects followed when reading a web URL (each hop checked by the address guard).
+HTTP_REDIRECTS = 5
 
 # S3 (and GCS) bucket names: 3-63 lower-case letters, digits, dots, hyphens (GCS also
 # underscores), starting and ending with a letter or digit.
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
+
+
+#: Key characters left as they are in a URL (the rest is percent-encoded, as ``parse``
+#: decodes it).
+_KEY_SAFE = "/!$&'()*+,;=:@-._~"
 
 
 class StorageError(Exception):
@@ -86,7 +99,7 @@ class Location:
     def url(self) -> str:
         if self.scheme == "file":
             return "file://" + quote(self.key)
-        return f"{self.scheme}://{self.bucket}/{self.key}"
+        return f"{self.scheme}://{self.bucket}/{quote(self.key, safe=_KEY_SAFE)}"
 
     @property
     def is_prefix(self) -> bool:
@@ -216,10 +229,7 @@ def _failure(location: Location, exc: Exception) -> StorageError:
         return StorageError(f"{location}: access denied", "denied")
     # obstore's first line is "<what> ... Error performing GET http://... - <status>"; the
     # status line is what tells the user something, the endpoint and timings are noise.
-    first = first.rsplit(" - ", 1)[-1]
-    if len(first) > 160:
-        first = first[:157] + "..."
-    return StorageError(f"{location}: {first}", "failed")
+    return StorageError(f"{location}: {_one_line(first.rsplit(' - ', 1)[-1])}", "failed")
 
 
 # ---------------------------------------------------------------- writing
@@ -296,8 +306,16 @@ async def _open_file_write(location: Location) -> AsyncIterator[Writer]:
 
 
 # ---------------------------------------------------------------- reading
-async def read_chunks(url: str, chunk_bytes: int = READ_BYTES) -> AsyncIterator[bytes]:
-    """The bytes of the object (or file) at ``url``, in pieces of up to ``chunk_bytes``."""
+async def read_chunks(
+    url: str, chunk_bytes: int = READ_BYTES, *, policy: AddressPolicy | None = None
+) -> AsyncIterator[bytes]:
+    """The bytes of the object, file or web page at ``url``, in pieces (of about
+    ``chunk_bytes``). An http(s) URL is fetched through the address guard: only public
+    addresses, unless ``policy`` allows more; every redirect is checked again."""
+    if url.lower().startswith(("http://", "https://")):
+        async for piece in _read_http(url, chunk_bytes, policy or AddressPolicy()):
+            yield piece
+        return
     location = parse(url)
     if location.is_prefix:
         raise StorageError(f"{location} is a folder or prefix, not a file", "invalid")
@@ -345,6 +363,60 @@ async def _read_file(location: Location, chunk_bytes: int) -> AsyncIterator[byte
             yield piece
     finally:
         handle.close()
+
+
+def _shown(url: URL) -> str:
+    """A web URL fit for messages and logs: no user info, query or fragment (a signed
+    URL's query is a credential)."""
+    return str(url.with_user(None).with_query(None).with_fragment(None))
+
+
+async def _read_http(url: str, chunk_bytes: int, policy: AddressPolicy) -> AsyncIterator[bytes]:
+    current = URL(url, encoded=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+    async with aiohttp.ClientSession(
+        connector=guard.guarded_connector(policy),
+        timeout=timeout,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers={"User-Agent": "imagestream (list reader)"},
+    ) as http:
+        for _ in range(HTTP_REDIRECTS + 1):
+            try:
+                guard.check_url(current, policy)
+                async with http.get(current, allow_redirects=False) as response:
+                    location = response.headers.get("Location")
+                    if response.status in (301, 302, 303, 307, 308) and location:
+                        current = current.join(URL(location, encoded=True))
+                        continue
+                    _check_http_status(current, response.status)
+                    async for piece in response.content.iter_chunked(chunk_bytes):
+                        yield piece
+                    return
+            except (aiohttp.ClientError, OSError) as exc:
+                blocked = guard.blocked_cause(exc)
+                if blocked is not None:
+                    raise StorageError(f"{_shown(current)}: {blocked}", "blocked") from None
+                raise StorageError(
+                    f"{_shown(current)}: {_one_line(str(exc)) or type(exc).__name__}"
+                ) from None
+        raise StorageError(f"{_shown(current)}: more than {HTTP_REDIRECTS} redirects")
+
+
+def _check_http_status(url: URL, status: int) -> None:
+    if 200 <= status < 300:
+        return
+    failure: Failure = "failed"
+    if status in (404, 410):
+        failure = "not_found"
+    elif status in (401, 403):
+        failure = "denied"
+    raise StorageError(f"{_shown(url)}: HTTP {status}", failure)
+
+
+def _one_line(text: str) -> str:
+    first = (text.strip().splitlines() or [""])[0]
+    return first if len(first) <= 160 else first[:157] + "..."
 
 
 async def read_capped(url: str, max_bytes: int) -> bytes:

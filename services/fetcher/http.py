@@ -25,10 +25,9 @@ from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.guard import (
     AddressPolicy,
     BlockedAddressError,
-    GuardedResolver,
     blocked_cause,
-    guarded_socket_factory,
-    literal_address,
+    check_url,
+    guarded_connector,
     parse_cidrs,
 )
 
@@ -83,12 +82,11 @@ class Downloader:
         )
         # Taken after the host's gate: a request waiting for its host holds no slot.
         self.slots = asyncio.Semaphore(settings.fetch_concurrency)
-        connector = aiohttp.TCPConnector(
+        connector = guarded_connector(
+            self.policy,
             limit=settings.fetch_concurrency,
             limit_per_host=settings.fetch_per_host,
             ttl_dns_cache=settings.fetch_dns_cache_s,
-            resolver=GuardedResolver(self.policy),
-            socket_factory=guarded_socket_factory(self.policy),
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
@@ -180,9 +178,7 @@ class Downloader:
                 ErrorClass.INVALID_URL, f"not an http(s) URL: {target.scheme or '?'}://"
             )
         try:
-            address = literal_address(host)
-            if address is not None:
-                self.policy.check(address)
+            check_url(target, self.policy)
         except BlockedAddressError as exc:
             raise ItemError(ErrorClass.BLOCKED_ADDRESS, str(exc)) from None
         return target, f"{host.lower()}:{target.port}"

@@ -1,6 +1,6 @@
-"""The fetch stage's work without the streams: download an image (or read a local file)
-and make its analysis image in the decode pool. The service (service.py) wraps it with
-batch controls and the hand-off; bench/fetch.py measures it as is.
+"""The fetch stage's work without the streams: download an image (or read a local file, or
+an s3:// or gs:// object) and make its analysis image in the decode pool. The service
+(service.py) wraps it with batch controls and the hand-off; bench/fetch.py measures it.
 
 Decode pool: processes, one per core. Measured on this 2-core machine (docs/FETCHER.md):
 with other work running on it, a ProcessPoolExecutor(2) prepared about a third more
@@ -29,10 +29,12 @@ from urllib.parse import unquote, urlsplit
 
 from prometheus_client import Counter, Histogram
 
+from imagestream.common import storage
 from imagestream.common.errors import ErrorClass, ItemError
+from imagestream.common.storage import StorageError
 
 from . import image
-from .http import Downloader
+from .http import FETCH_BYTES, Downloader
 from .settings import FetcherSettings
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,18 @@ POOL_RESTARTS = Counter(
 )
 
 
+#: The error class of an image that could not be read from object storage.
+_OBJECT_ERRORS: dict[str, ErrorClass] = {
+    "invalid": ErrorClass.INVALID_URL,
+    "not_found": ErrorClass.NOT_FOUND,
+    "denied": ErrorClass.HTTP_CLIENT_ERROR,  # S3/GCS answered 403
+    "blocked": ErrorClass.BLOCKED_ADDRESS,
+    "too_large": ErrorClass.TOO_LARGE,
+    # Transport failures the client's own retries did not overcome.
+    "failed": ErrorClass.CONNECTION_ERROR,
+}
+
+
 class ImageLoader:
     def __init__(self, settings: FetcherSettings) -> None:
         self.settings = settings
@@ -56,6 +70,8 @@ class ImageLoader:
         self.downloader = Downloader(
             settings, check_head=image.check_head, head_bytes=image.SNIFF_BYTES
         )
+        self.buckets = storage.parse_buckets(settings.fetch_allowed_buckets)
+        self.object_slots = asyncio.Semaphore(settings.fetch_concurrency)
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # "spawn": a fresh interpreter per worker; forking a process that runs an event
@@ -72,6 +88,8 @@ class ImageLoader:
         """The analysis image of ``url``, or ItemError saying why there is none."""
         if url.startswith("file:"):
             body = await self._read_file(url)
+        elif url.startswith(("s3:", "gs:")):
+            body = await self._read_object(url)
         else:
             body = (await self.downloader.fetch(url)).body
         with DECODE_SECONDS.time():
@@ -106,6 +124,28 @@ class ImageLoader:
             log.warning("a decode worker died; replacing the decode pool")
             broken.shutdown(wait=False, cancel_futures=True)
             self.pool = self._new_pool()
+
+    async def _read_object(self, url: str) -> bytes:
+        """An image in object storage, read with this service's credentials: only from
+        the buckets FETCH_ALLOWED_BUCKETS names, under the same byte cap and content
+        check as a download (the pixel cap is the decoder's, as for every image)."""
+        try:
+            location = storage.parse(url)
+        except StorageError as exc:
+            raise ItemError(ErrorClass.INVALID_URL, str(exc)) from None
+        if not storage.bucket_allowed(location, self.buckets):
+            raise ItemError(
+                ErrorClass.BUCKET_NOT_ALLOWED,
+                f"bucket {location.scheme}://{location.bucket} is not in FETCH_ALLOWED_BUCKETS",
+            )
+        try:
+            async with self.object_slots:
+                body = await storage.read_capped(url, self.settings.fetch_max_bytes)
+        except StorageError as exc:
+            raise ItemError(_OBJECT_ERRORS[exc.failure], str(exc)) from None
+        FETCH_BYTES.inc(len(body))
+        image.check_head(body[: image.SNIFF_BYTES])
+        return body
 
     async def _read_file(self, url: str) -> bytes:
         if not self.settings.fetch_allow_file:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from imagestream.common import storage
 from imagestream.common.guard import parse_cidrs
 from imagestream.common.settings import StreamSettings
 
@@ -43,6 +44,10 @@ class FetcherSettings(StreamSettings, kw_only=True, frozen=True):
     fetch_respect_noai: bool = True
     #: The user-agent name X-Robots-Tag directives may be scoped to ("imagestream: noai").
     fetch_robots_agent: str = "imagestream"
+    #: Buckets (``s3://name``, ``gs://name``) whose images may be fetched with the
+    #: service's own storage credentials; none by default (such images fail as
+    #: bucket_not_allowed).
+    fetch_allowed_buckets: tuple[str, ...] = ()
     #: Read file:// URLs (the local CLI analyzing a folder only).
     fetch_allow_file: bool = False
     #: Long side of the image handed to the analyzer (px), unless the batch says otherwise.
@@ -59,6 +64,10 @@ class FetcherSettings(StreamSettings, kw_only=True, frozen=True):
             parse_cidrs(self.fetch_allowed_cidrs)
         except ValueError as exc:
             raise ValueError(f"FETCH_ALLOWED_CIDRS: {exc}") from None
+        try:
+            storage.parse_buckets(self.fetch_allowed_buckets)
+        except ValueError as exc:
+            raise ValueError(f"FETCH_ALLOWED_BUCKETS: {exc}") from None
         if min(self.fetch_attempts, self.fetch_concurrency, self.fetch_per_host) < 1:
             raise ValueError("FETCH_ATTEMPTS, FETCH_CONCURRENCY, FETCH_PER_HOST must be >= 1")
         if self.fetch_window < self.fetch_concurrency:
