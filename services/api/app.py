@@ -23,6 +23,7 @@ from . import openapi, uploads
 from .auth import Auth, Need, auth_middleware, register
 from .batches import Batches
 from .errors import Handler, errors_middleware
+from .exports import ExportJobs, ExportWorker
 from .live import Feeds, Monitor, Progress
 from .settings import ApiSettings
 from .system import System
@@ -93,10 +94,10 @@ async def _old_status_page(_: web.Request) -> web.StreamResponse:
 
 
 def routes(
-    batches: Batches, system: System, settings: ApiSettings
+    batches: Batches, exports: ExportJobs, system: System, settings: ApiSettings
 ) -> list[tuple[web.AbstractRouteDef, Need]]:
     """Every route, with the role it needs (None: public)."""
-    b, s = batches, system
+    b, e, s = batches, exports, system
     early_refusal = uploads.expect_handler(settings.max_upload_bytes)
     v1 = "/api/v1"
     one = f"{v1}/batches/{{batch_id}}"
@@ -115,6 +116,9 @@ def routes(
         (web.get(f"{one}/items/{{item_id}}", b.item, allow_head=False), "viewer"),
         (web.get(f"{one}/rejects", b.rejects, allow_head=False), "viewer"),
         (web.get(f"{one}/results", b.results, allow_head=False), "viewer"),
+        (web.post(f"{one}/exports", e.create), "admin"),
+        (web.get(f"{one}/exports", e.list, allow_head=False), "viewer"),
+        (web.get(f"{one}/exports/{{export_id}}", e.get, allow_head=False), "viewer"),
         (web.get(f"{v1}/batch-data/export", b.legacy_export, allow_head=False), "viewer"),
         (web.post(f"{v1}/downloads", b.create_download), "viewer"),
         (web.get(f"{v1}/downloads/{{ticket}}", b.download, allow_head=False), None),
@@ -150,9 +154,12 @@ def create_app(res: Resources, settings: ApiSettings) -> web.Application:
             openapi.query_guard,
         ]
     )
-    register(
-        app, routes(Batches(res, settings, progress, feeds), System(res, auth, monitor), settings)
-    )
+    worker = ExportWorker(res.pool, res.keys.prefix, settings)
+    batches = Batches(res, settings, progress, feeds)
+    exports = ExportJobs(res.pool, settings, worker)
+    register(app, routes(batches, exports, System(res, auth, monitor), settings))
+    app.on_startup.append(worker.start)
+    app.on_shutdown.append(worker.stop)
     app.on_response_prepare.append(_security_headers)
     app[FEEDS] = feeds
 

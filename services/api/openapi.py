@@ -101,6 +101,66 @@ SCHEMAS: dict[str, Schema] = {
         }
     ),
 }
+_UUID = {"type": "string", "format": "uuid"}
+_STRINGS = {"type": "array", "items": STRING}
+SCHEMAS["ExportJob"] = obj(
+    {
+        "id": _UUID,
+        "batch_id": _UUID,
+        "format": {"type": "string", "enum": list(export.FORMATS)},
+        "destination": STRING,
+        "filters": obj(
+            {
+                "state": _STRINGS,
+                "error_class": _STRINGS,
+                "field": _STRINGS,
+                "created_after": nullable(TIME),
+                "created_before": nullable(TIME),
+            }
+        ),
+        "part_rows": nullable(COUNT),
+        "state": {"type": "string", "enum": ["queued", "running", "completed", "failed"]},
+        "rows_total": nullable(COUNT),
+        "rows_written": COUNT,
+        "bytes_written": COUNT,
+        "progress": nullable({"type": "number", "minimum": 0, "maximum": 100}),
+        "files": _STRINGS,
+        "error": nullable(STRING),
+        "attempts": COUNT,
+        "created_at": TIME,
+        "started_at": nullable(TIME),
+        "finished_at": nullable(TIME),
+    }
+)
+SCHEMAS["NewExportJob"] = obj(
+    {
+        "destination": {
+            "type": "string",
+            "minLength": 1,
+            "description": "s3://bucket/key or gs://bucket/key (a bucket of"
+            " EXPORT_ALLOWED_BUCKETS), or a path or file:// URL inside EXPORT_DIR (relative"
+            " paths are taken from EXPORT_DIR). Ending in '/': part files"
+            " part-00000.<suffix>, ... under that prefix.",
+        },
+        "format": {
+            "type": "string",
+            "enum": list(export.FORMATS),
+            "description": "Default: from the destination's extension.",
+        },
+        "part_rows": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 100_000_000,
+            "description": "Rows per Parquet part file under a prefix (default 1,000,000).",
+        },
+        "state": STRING_OR_LIST,
+        "error_class": STRING_OR_LIST,
+        "field": STRING_OR_LIST,
+        "created_after": TIME,
+        "created_before": TIME,
+    },
+    required=["destination"],
+)
 _BATCH_PROPS: dict[str, Schema] = SCHEMAS["Batch"]["properties"]
 SCHEMAS |= {
     "CreatedBatch": obj(_BATCH_PROPS | {"upload_bytes": COUNT}),
@@ -785,6 +845,40 @@ def build() -> dict[str, Any]:
                 EXPORT_RESPONSES,
                 parameters=[BATCH_ID, *EXPORT_PARAMS],
                 tag="exports",
+            )
+        },
+        f"{one}/exports": {
+            "post": operation(
+                "Start an export job",
+                ok(ref("ExportJob"), "Accepted: the job is queued; poll its Location.", 202)
+                | errors(400, 404),
+                role="admin",
+                parameters=[BATCH_ID],
+                body={"required": True, "content": json_content(ref("NewExportJob"))},
+                tag="exports",
+                description="Writes the export in the background, to object storage or a"
+                " file, with the filters of the download (state, error_class, field,"
+                " created_after, created_before). A job whose api process stops is started"
+                " again from its first row by another (or the restarted) api process.",
+            ),
+            "get": operation(
+                "List export jobs",
+                ok(obj({"exports": {"type": "array", "items": ref("ExportJob")}, "limit": COUNT}))
+                | errors(400, 404),
+                parameters=[BATCH_ID, LIMIT],
+                tag="exports",
+            ),
+        },
+        f"{one}/exports/{{export_id}}": {
+            "get": operation(
+                "Show an export job",
+                ok(ref("ExportJob")) | errors(404),
+                parameters=[
+                    BATCH_ID,
+                    {"name": "export_id", "in": "path", "required": True, "schema": _UUID},
+                ],
+                tag="exports",
+                description="State, rows written of rows_total, and the files once completed.",
             )
         },
         "/api/v1/batch-data/export": {

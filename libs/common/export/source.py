@@ -20,6 +20,13 @@ _CURSOR_PREFETCH = 2000
 _METADATA, _ANALYSIS = -2, -1
 
 
+@dataclass(slots=True)
+class RowCounter:
+    """Rows read so far (by whichever format reads them), for an export job's progress."""
+
+    rows: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Selection:
     """One export's rows: a batch's items in input order, narrowed by ``filters``."""
@@ -28,6 +35,14 @@ class Selection:
     batch_id: uuid.UUID
     layout: Layout
     filters: filtering.Filters = field(default_factory=filtering.Filters)
+    #: Counted when given (export jobs); downloads do without.
+    counter: RowCounter | None = None
+
+    def count_query(self) -> tuple[str, list[Any]]:
+        """How many rows the export holds."""
+        where, params = filtering.where(self.batch_id, self.filters)
+        sql = f"SELECT count(*) FROM items i LEFT JOIN results r ON r.item_id = i.id WHERE {where}"
+        return sql, params
 
     def query(self, cells: Sequence[str], laterals: str = "") -> tuple[str, list[Any]]:
         """``SELECT cells`` over items ``i`` and results ``r`` (and ``laterals``) in order."""
@@ -55,6 +70,8 @@ class Selection:
         sql, params = self.query([*cells, "i.metadata", "r.analysis"])
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
             async for rec in conn.cursor(sql, *params, prefetch=_CURSOR_PREFETCH):
+                if self.counter is not None:
+                    self.counter.rows += 1
                 values = tuple(rec)
                 metadata, analysis = values[-2] or {}, values[-1] or {}
                 yield [

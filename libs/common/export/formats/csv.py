@@ -49,6 +49,22 @@ def _cells(columns: tuple[Column, ...]) -> tuple[list[str], str]:
     return cells, laterals
 
 
+class _LineCounter:
+    """Counts CSV records in COPY's output: line ends outside quoted cells (a quote
+    inside one is doubled, so every quote toggles being inside)."""
+
+    def __init__(self) -> None:
+        self.quoted = False
+
+    def count(self, piece: bytes) -> int:
+        if not self.quoted and b'"' not in piece:
+            return piece.count(b"\n")
+        segments = piece.split(b'"')
+        outside = segments[1::2] if self.quoted else segments[0::2]
+        self.quoted ^= len(segments) % 2 == 0
+        return sum(segment.count(b"\n") for segment in outside)
+
+
 @dataclass(frozen=True)
 class CsvSink:
     name: str = "csv"
@@ -61,8 +77,11 @@ class CsvSink:
         csv.writer(header, lineterminator="\n").writerow(selection.layout.names)
         yield header.getvalue().encode()
         sql, params = selection.query(*_cells(selection.layout.columns))
+        counter, lines = selection.counter, _LineCounter()
         async with contextlib.aclosing(selection.copy(sql, params, format="csv")) as pieces:
             async for piece in pieces:
+                if counter is not None:
+                    counter.rows += lines.count(piece)
                 yield piece
 
 

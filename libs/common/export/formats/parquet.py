@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..columns import Column, Schema
-from ..source import Selection
+from ..source import RowCounter, Selection
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -145,7 +145,9 @@ class _Encoder:
     """JSON rows in, Parquet bytes out (one file, or one per ``shard_rows`` rows); used
     by one thread at a time."""
 
-    def __init__(self, columns: Sequence[Column], shard_rows: int | None) -> None:
+    def __init__(
+        self, columns: Sequence[Column], shard_rows: int | None, counter: RowCounter | None
+    ) -> None:
         import pyarrow as pa
 
         self.schema = pa.schema([pa.field(c.name, arrow_type(c.schema)) for c in columns])
@@ -159,7 +161,7 @@ class _Encoder:
         self.shard_rows = shard_rows
         self.shard = 0
         self.in_shard = 0
-        self.rows = 0
+        self.counter = counter
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.collector = _Collector()
@@ -185,7 +187,8 @@ class _Encoder:
             self.pending.append(head)
             self.pending_rows += head.num_rows
             self.in_shard += head.num_rows
-            self.rows += head.num_rows
+            if self.counter is not None:
+                self.counter.rows += head.num_rows
             if self.pending_rows == ROW_GROUP_ROWS or self.in_shard == self.shard_rows:
                 out += self._flush()
             if self.in_shard == self.shard_rows:
@@ -252,7 +255,7 @@ async def shards(
 ) -> AsyncGenerator[tuple[int, bytes]]:
     """(file number, piece) of the export as Parquet files of ``shard_rows`` rows each
     (one file if None); a file's pieces come in order, and file n+1 after file n."""
-    encoder = _Encoder(selection.layout.columns, shard_rows)
+    encoder = _Encoder(selection.layout.columns, shard_rows, selection.counter)
     running: asyncio.Future[list[tuple[int, bytes]]] | None = None
     try:
         async with contextlib.aclosing(_blocks(selection)) as blocks:
