@@ -4,6 +4,8 @@
 * ``filters``: which items (states, error classes, times, field conditions).
 * ``source``: reading the rows (typed, or formatted by PostgreSQL's COPY).
 * ``sinks`` and ``formats/``: one ``Sink`` per file format, found in one registry.
+* ``destinations``: writing an export to a URL (one file, or part files under a prefix).
+* ``jobs``: exports run in the background, with their progress in the ledger.
 * ``formulas``: text a spreadsheet would run is made inert.
 """
 
@@ -20,13 +22,15 @@ from .columns import (
     batch_layout,
     layout,
 )
+from .destinations import DEFAULT_PART_ROWS, Written, write_to
 from .filters import OPERATORS, Condition, Filters, Operator
 from .formulas import neutralize
 from .sinks import DEFAULT_FORMAT, FORMATS, SINKS, Sink, sink_for_path, suffixes
-from .source import Selection
+from .source import RowCounter, Selection
 
 __all__ = [
     "DEFAULT_FORMAT",
+    "DEFAULT_PART_ROWS",
     "FORMATS",
     "LEADING",
     "LEADING_COLUMNS",
@@ -39,12 +43,15 @@ __all__ = [
     "Filters",
     "Layout",
     "Operator",
+    "RowCounter",
     "Schema",
     "Selection",
     "Sink",
+    "Written",
     "batch_layout",
     "layout",
     "neutralize",
     "sink_for_path",
     "suffixes",
+    "write_to",
 ]

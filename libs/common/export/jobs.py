@@ -14,30 +14,25 @@ failed. A worker that stops gracefully hands its jobs back at once (``release``)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import asyncpg
 
 from .. import storage
 from .columns import batch_layout
+from .destinations import DEFAULT_PART_ROWS, Written, write_to
 from .filters import Condition, Filters
-from .formats import parquet
-from .sinks import SINKS, Sink
+from .sinks import SINKS
 from .source import RowCounter, Selection
 
 log = logging.getLogger(__name__)
 
 #: Times a job is started before an interruption fails it.
 MAX_ATTEMPTS = 3
-#: Rows per part file when a destination is a prefix and the request names no number.
-DEFAULT_PART_ROWS = 1_000_000
 #: Filter fields a job keeps (lists of strings; the times as ISO 8601 text).
 FILTER_FIELDS = ("state", "error_class", "field", "created_after", "created_before")
 
@@ -210,92 +205,41 @@ async def release(pool: asyncpg.Pool, job_id: uuid.UUID, worker: str) -> None:
 
 
 # ---------------------------------------------------------------- running one
-@dataclass
-class Progress:
-    """What a running job has written so far."""
-
-    counter: RowCounter
-    bytes: int = 0
-
-
-async def _parts(
-    sink: Sink, selection: Selection, prefix: bool, part_rows: int
-) -> AsyncGenerator[tuple[int, bytes]]:
-    """(file number, piece): one file, or part files under a prefix (Parquet splits
-    every ``part_rows`` rows; the other formats write one part)."""
-    if prefix and isinstance(sink, parquet.ParquetSink):
-        async with contextlib.aclosing(parquet.shards(selection, part_rows)) as numbered:
-            async for item in numbered:
-                yield item
-        return
-    async with contextlib.aclosing(sink.write(selection)) as single:
-        async for piece in single:
-            yield 0, piece
-
-
 async def write(
-    pool: asyncpg.Pool, job: asyncpg.Record, progress: Progress
-) -> tuple[int | None, list[str]]:
-    """Write the job's export to its destination: (rows expected, URLs written). Each file
-    appears whole or not at all; StorageError (or a database error) on failure, when the
-    parts finished before it stay."""
-    sink = SINKS[job["format"]]
+    pool: asyncpg.Pool, job: asyncpg.Record, counter: RowCounter, written: Written
+) -> None:
+    """Write the job's export to its destination (StorageError or a database error on
+    failure), after recording how many rows it will hold."""
     batch = await pool.fetchrow("SELECT * FROM batches WHERE id = $1", job["batch_id"])
     if batch is None:
         raise storage.StorageError("the batch was deleted", "not_found")
     selection = Selection(
-        pool, job["batch_id"], batch_layout(batch), filters_from(job["filters"]), progress.counter
+        pool, job["batch_id"], batch_layout(batch), filters_from(job["filters"]), counter
     )
     count_sql, count_params = selection.count_query()
     total: int | None = await pool.fetchval(count_sql, *count_params)
     await pool.execute("UPDATE export_jobs SET rows_total = $2 WHERE id = $1", job["id"], total)
-    destination = job["destination"]
-    location = storage.parse(destination)
-    prefix = location.is_prefix
-    if prefix and location.scheme == "file":
-        await asyncio.to_thread(Path(location.key).mkdir, parents=True, exist_ok=True)
-    files: list[str] = []
-    part: contextlib.AsyncExitStack | None = None
-    writer: storage.Writer | None = None
-    pieces = _parts(sink, selection, prefix, job["shard_rows"] or DEFAULT_PART_ROWS)
-    try:
-        async with contextlib.aclosing(pieces):
-            async for number, piece in pieces:
-                if writer is None or number == len(files):
-                    if part is not None:
-                        await part.aclose()  # the previous file is complete
-                    url = (
-                        storage.join(destination, f"part-{number:05d}{sink.suffix}")
-                        if prefix
-                        else destination
-                    )
-                    part = contextlib.AsyncExitStack()
-                    writer = await part.enter_async_context(storage.open_write(url))
-                    files.append(url)
-                await writer.write(piece)
-                progress.bytes += len(piece)
-        if part is not None:
-            await part.aclose()
-            part = None
-    except BaseException as exc:
-        if part is not None:  # the file being written is dropped
-            await part.__aexit__(type(exc), exc, exc.__traceback__)
-        raise
-    return total, files
+    await write_to(
+        selection,
+        SINKS[job["format"]],
+        job["destination"],
+        written,
+        job["shard_rows"] or DEFAULT_PART_ROWS,
+    )
 
 
 async def run(pool: asyncpg.Pool, job: asyncpg.Record, worker: str, interval_s: float) -> None:
     """Run a job this worker claimed to its end, recording progress every ``interval_s``
     seconds; it stops if the job stops being this worker's."""
-    progress = Progress(RowCounter())
+    counter, written = RowCounter(), Written()
     job_id = job["id"]
-    task = asyncio.ensure_future(write(pool, job, progress))
+    task = asyncio.ensure_future(write(pool, job, counter, written))
     try:
         while not (await asyncio.wait([task], timeout=interval_s))[0]:
-            if not await heartbeat(pool, job_id, worker, progress.counter.rows, progress.bytes):
+            if not await heartbeat(pool, job_id, worker, counter.rows, written.bytes):
                 log.warning("export job taken over or deleted", extra={"job": str(job_id)})
                 return
-        _, files = task.result()
+        task.result()
     except storage.StorageError as exc:
         log.warning("export job failed: %s", exc, extra={"job": str(job_id)})
         await fail(pool, job_id, worker, str(exc))
@@ -308,12 +252,10 @@ async def run(pool: asyncpg.Pool, job: asyncpg.Record, worker: str, interval_s: 
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    await complete(
-        pool, job_id, worker, rows=progress.counter.rows, size=progress.bytes, files=files
-    )
+    await complete(pool, job_id, worker, rows=counter.rows, size=written.bytes, files=written.files)
     log.info(
         "export job completed",
-        extra={"job": str(job_id), "rows": progress.counter.rows, "files": len(files)},
+        extra={"job": str(job_id), "rows": counter.rows, "files": len(written.files)},
     )
 
 

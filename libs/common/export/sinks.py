@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from . import formats
 from .source import Selection
@@ -35,6 +35,17 @@ class Sink(Protocol):
     def write(self, selection: Selection) -> AsyncGenerator[bytes]:
         """The file in pieces, in constant memory whatever the number of rows; closing
         the iterator early stops the reading and releases its connection."""
+        ...
+
+
+@runtime_checkable
+class PartedSink(Sink, Protocol):
+    """A format that can split one export into files of a number of rows each."""
+
+    def write_parts(
+        self, selection: Selection, part_rows: int
+    ) -> AsyncGenerator[tuple[int, bytes]]:
+        """(file number, piece): a file's pieces in order, file n+1 after file n."""
         ...
 
 

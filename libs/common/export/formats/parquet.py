@@ -290,5 +290,10 @@ class ParquetSink:
                 if piece:
                     yield piece
 
+    def write_parts(
+        self, selection: Selection, part_rows: int
+    ) -> AsyncGenerator[tuple[int, bytes]]:
+        return shards(selection, part_rows)
+
 
 SINKS = (ParquetSink(),)
