@@ -83,60 +83,72 @@ class Rig:
         return jpeg(index, self.salt)
 
     async def batch(self, images: Sequence[bytes], **fields: object) -> list[Item]:
-        choice = providers.resolve_batch({"analyzer": "gemini", **fields})
-        batch_id = await ledger.create_batch(
-            self.res.pool,
-            ledger.NewBatch(
-                name="t",
-                pipeline=self.res.keys.prefix,
-                analyzer=choice.analyzer,
-                profile=choice.profile,
-                model=choice.model,
-                budget_usd=choice.budget_usd,
-                options=choice.options,
-            ),
-        )
-        rows = [
-            Row(line=i, url=f"http://127.0.0.1/{i}.jpg", metadata=None) for i in range(len(images))
-        ]
-        async with self.res.pool.acquire() as conn:
-            await ledger.insert_items(conn, batch_id, rows)
-        await ledger.start_batch(self.res.pool, batch_id)
-        ids = await self.res.pool.fetch(
-            "UPDATE items SET state = 'analyzing' WHERE batch_id = $1 RETURNING id, line",
-            batch_id,
-        )
-        by_line = {r["line"]: r["id"] for r in ids}
-        items = []
-        for line, data in enumerate(images):
-            sha = hashlib.sha256(data).hexdigest()
-            blob_key = self.res.keys.blob(sha, 768)
-            await self.res.redis.set(blob_key, data, ex=600)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-            facts = messages.ImageFacts(
-                width=width, height=height, format="JPEG", mode="RGB", bytes=len(data), sha256=sha
-            )
-            task = messages.AnalyzeTask(
-                batch_id=str(batch_id),
-                item_id=by_line[line],
-                url=rows[line].url,
-                facts=facts,
-                blob_key=blob_key,
-            )
-            items.append(Item(task, data))
-        return items
+        return await make_items(self.res, images, {"analyzer": "gemini", **fields})
 
     async def run(self, items: Sequence[Item]) -> list[messages.ItemResult]:
-        """Handle every item at once, record the results as the writer does."""
-        outs = await asyncio.gather(*(self.analyzer.handle(i.task) for i in items))
-        results = [result_of(o) for o in outs]
-        async with self.res.pool.acquire() as conn:
-            await ledger.apply_results(conn, results)
-        return results
+        return await analyze_items(self.analyzer, items)
 
     def sent(self, key: str | None = None) -> list[dict[str, object]]:
         return [e for e in self.emulator.request_log(key=key) if e["method"] == "generateContent"]
+
+
+async def make_items(
+    res: Resources,
+    images: Sequence[bytes],
+    fields: dict[str, object],
+    env: dict[str, str] | None = None,
+) -> list[Item]:
+    """A running batch of these images, each as the fetcher hands it to the analyzer."""
+    choice = providers.resolve_batch(fields, env=env)
+    batch_id = await ledger.create_batch(
+        res.pool,
+        ledger.NewBatch(
+            name="t",
+            pipeline=res.keys.prefix,
+            analyzer=choice.analyzer,
+            profile=choice.profile,
+            model=choice.model,
+            budget_usd=choice.budget_usd,
+            options=choice.options,
+        ),
+    )
+    rows = [Row(line=i, url=f"http://127.0.0.1/{i}.jpg", metadata=None) for i in range(len(images))]
+    async with res.pool.acquire() as conn:
+        await ledger.insert_items(conn, batch_id, rows)
+    await ledger.start_batch(res.pool, batch_id)
+    ids = await res.pool.fetch(
+        "UPDATE items SET state = 'analyzing' WHERE batch_id = $1 RETURNING id, line",
+        batch_id,
+    )
+    by_line = {r["line"]: r["id"] for r in ids}
+    items = []
+    for line, data in enumerate(images):
+        sha = hashlib.sha256(data).hexdigest()
+        blob_key = res.keys.blob(sha, 768)
+        await res.redis.set(blob_key, data, ex=600)
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+        facts = messages.ImageFacts(
+            width=width, height=height, format="JPEG", mode="RGB", bytes=len(data), sha256=sha
+        )
+        task = messages.AnalyzeTask(
+            batch_id=str(batch_id),
+            item_id=by_line[line],
+            url=rows[line].url,
+            facts=facts,
+            blob_key=blob_key,
+        )
+        items.append(Item(task, data))
+    return items
+
+
+async def analyze_items(analyzer: Analyzer, items: Sequence[Item]) -> list[messages.ItemResult]:
+    """Handle every item at once, record the results as the writer does."""
+    outs = await asyncio.gather(*(analyzer.handle(i.task) for i in items))
+    results = [result_of(o) for o in outs]
+    async with analyzer.res.pool.acquire() as conn:
+        await ledger.apply_results(conn, results)
+    return results
 
 
 def result_of(outs: Sequence[Out]) -> messages.ItemResult:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from imagestream.common import db, export, settings, tokens
+from imagestream.common import db, export, providers, settings, tokens
 from imagestream.common.connections import ConnectError
 from imagestream.common.logging import configure_logging
 from imagestream.common.runtime import run
@@ -49,9 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=export.FORMATS,
         help="results format when -o is a folder or prefix (default csv)",
     )
-    p.add_argument("--analyzer", default=None, help="local (default) or gemini")
-    p.add_argument("--profile", help="analysis profile (gemini)")
-    p.add_argument("--model", help="model (gemini)")
+    p.add_argument(
+        "--analyzer", default=None, help=f"{', '.join(providers.names())} (default: local)"
+    )
+    p.add_argument("--profile", help="analysis profile (model providers)")
+    p.add_argument("--model", help="model (model providers)")
     p.add_argument(
         "--budget-usd", type=float, help="pause the batch before it costs more than this"
     )
@@ -66,18 +68,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         choices=("standard", "batch"),
-        help="gemini: batch sends the images as Batch API jobs, half price, hours not seconds",
+        help="batch sends the images as the provider's Batch API jobs: half price, hours",
     )
 
     p = sub.add_parser(
         "estimate", help="expected tokens, cost and duration of a list, before running it"
     )
     p.add_argument("input", type=Path, help="a CSV, TXT or JSONL list of URLs, or a folder")
-    p.add_argument("--analyzer", default="gemini", help="the provider to price (gemini)")
+    p.add_argument("--analyzer", default="gemini", help="the provider to price (default gemini)")
     p.add_argument("--profile", help="analysis profile (default: describe)")
     p.add_argument("--model", help="model (default: the profile's)")
     p.add_argument("--sample", type=int, default=20, help="images to fetch and count (20)")
-    p.add_argument("--offline", action="store_true", help="count by Google's rules, no API call")
+    p.add_argument("--offline", action="store_true", help="count by the rules, no API call")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     p = sub.add_parser("dev", help="development tools")

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from tqdm import tqdm
 
-from imagestream.common import export, storage
+from imagestream.common import export, providers, storage
 from imagestream.common.storage import StorageError
 
 from . import outputs
@@ -40,12 +40,14 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser("submit", help="upload a list to a running api as a new batch" + note)
     p.add_argument("file", type=Path, help="CSV, TXT or JSONL list (optionally .gz)")
     p.add_argument("--name", help="batch name (default: the file's name)")
-    p.add_argument("--analyzer", help="local or gemini (default: the api's ANALYZER)")
-    p.add_argument("--profile", help="analysis profile (gemini)")
-    p.add_argument("--model", help="model (gemini)")
+    p.add_argument(
+        "--analyzer", help=f"{', '.join(providers.names())} (default: the api's ANALYZER)"
+    )
+    p.add_argument("--profile", help="analysis profile (model providers)")
+    p.add_argument("--model", help="model (model providers)")
     p.add_argument("--budget-usd", type=float, help="pause before the batch costs more")
     p.add_argument(
-        "--mode", choices=("standard", "batch"), help="gemini: batch = Batch API, half price"
+        "--mode", choices=("standard", "batch"), help="batch: the provider's Batch API, half price"
     )
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     p = sub.add_parser("status", help="a batch's progress" + note)

@@ -6,7 +6,7 @@ process's adaptive concurrency -> the shared quota admits it into a project (``l
 -> a key of that project -> ``client.aio.models.generate_content`` -> the answer read and
 validated (``reply``) -> its real cost replaces the reservation.
 
-Failures, each with its own rule (why this is a loop and not tenacity's single counter):
+Failures, each with its own rule, in the loop every keyed provider shares (``calls``):
 
 * 429: the project and model are backed off for the server's ``RetryInfo.retryDelay``
   (shared through Redis, so no replica sends there before it ends); the call goes back to
@@ -28,21 +28,19 @@ import asyncio
 import io
 import logging
 import math
-import random
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import aiohttp
-import orjson
+from google import genai
 from google.genai import errors, types
 from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from imagestream.common import pricing, profiles
 from imagestream.common.connections import Resources
-from imagestream.common.control import BatchConfig, HaltedBatches
+from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.messages import ImageFacts, Usage
 from imagestream.common.runtime import supervise
@@ -50,8 +48,9 @@ from imagestream.common.settings import StreamSettings
 
 from ...answers import InvalidOutput
 from ...budget import BudgetReached, Budgets, Reservation
+from ...calls import CallPolicy, Failure, QuotaCaller, quota_rpm, wanted_concurrency
 from ...keypool import KeySpec, parse_keys
-from ...limiter import AdaptiveConcurrency, NeverFits, Project, QuotaGate, QuotaLimits
+from ...limiter import Project, QuotaLimits
 from ..base import Analysis, Deferred, Halted, PaidError, pause_batch
 from . import pricing as gemini_pricing
 from . import reply
@@ -93,7 +92,6 @@ COST = Counter(
 )
 BLOCKED = Counter("imagestream_gemini_blocked_total", "Answers Gemini refused (safety).")
 
-MAX_RATE_LIMITED = 20
 _SAFETY_CATEGORIES = (
     types.HarmCategory.HARM_CATEGORY_HARASSMENT,
     types.HarmCategory.HARM_CATEGORY_HATE_SPEECH,
@@ -170,6 +168,16 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
             self.prices()
         except (profiles.ProfileError, pricing.PriceError) as exc:
             raise ValueError(str(exc)) from None
+
+    def policy(self) -> CallPolicy:
+        return CallPolicy(
+            window_s=self.gemini_quota_window_s,
+            margin_s=self.gemini_quota_margin_s,
+            burst_s=self.gemini_quota_burst_s,
+            max_inflight=self.gemini_max_inflight,
+            attempts=self.gemini_attempts,
+            backoff_s=self.gemini_backoff_s,
+        )
 
     def default_limits(self) -> QuotaLimits:
         return QuotaLimits(self.gemini_rpm, self.gemini_tpm, self.gemini_rpd)
@@ -261,41 +269,24 @@ class GeminiProvider:
             ),
             quarantine_s=settings.gemini_quarantine_s,
         )
-        self.gate = QuotaGate(
-            res.redis,
-            res.keys,
-            self.name,
-            window_s=settings.gemini_quota_window_s,
-            margin_s=settings.gemini_quota_margin_s,
-            burst_s=settings.gemini_quota_burst_s,
+        self.caller = QuotaCaller(
+            res, self.name, "Gemini", self.pool, policy=settings.policy(), requests=REQUESTS
         )
-        self.concurrency = AdaptiveConcurrency(
-            rate_per_s=self.quota_rpm(settings) / settings.gemini_quota_window_s,
-            ceiling=settings.gemini_max_inflight,
-        )
+        self.caller.on_answer = lambda project, s: REQUEST_SECONDS.labels(project).observe(s)
         self.budgets = Budgets(res)
-        self.halted = HaltedBatches(res.redis, res.keys)
         self._configs: dict[tuple[str, str], types.GenerateContentConfig] = {}
-        self._models_used: set[str] = set()
 
     @staticmethod
     def wanted_concurrency(settings: GeminiSettings) -> int:
         """Images an analyzer process holds at once to keep the whole quota busy."""
         if not settings.gemini_api_keys:
             return 0
-        rpm = GeminiProvider.quota_rpm(settings)
-        if rpm == 0:  # an unlimited project: as many as one process may send
-            return settings.gemini_max_inflight
-        # Little's law at 6 s per call (latency plus time queued for pacing), at least 16.
-        per_second = rpm / settings.gemini_quota_window_s
-        return max(16, min(settings.gemini_max_inflight * 2, math.ceil(per_second * 6)))
+        return wanted_concurrency(settings.key_specs()[1], settings.policy())
 
     @staticmethod
     def quota_rpm(settings: GeminiSettings) -> float:
         """Requests per minute of all projects together (0: some project is unlimited)."""
-        _, projects = settings.key_specs()
-        rates = [p.limits.rpm for p in projects.values()]
-        return float(sum(rates)) if rates and all(rates) else 0.0
+        return quota_rpm(settings.key_specs()[1])
 
     def _choice(self, config: BatchConfig) -> tuple[profiles.CompiledProfile, str]:
         try:
@@ -385,133 +376,46 @@ class GeminiProvider:
         tokens: int,
     ) -> tuple[types.GenerateContentResponse, str]:
         """The answer, and the project whose key got it."""
-        failures = rate_limited = 0
-        while True:
-            await self.pool.refresh()
-            projects = self.pool.usable_projects()
-            if not projects:
-                await pause_batch(self.res, config.id, "no_usable_gemini_key")
-                raise Halted("paused", "every Gemini API key is quarantined")
-            async with self.concurrency.slot():
-                try:
-                    self._models_used.add(model)
-                    project = await self.gate.admit(
-                        model, projects, tokens, still_wanted=partial(self._still_wanted, config)
-                    )
-                except NeverFits as exc:
-                    raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
-                try:
-                    key = self.pool.key_for(project)
-                except LookupError:
-                    continue  # its last key was quarantined while we waited
-                started = time.monotonic()
-                try:
-                    response = await key.client.aio.models.generate_content(
-                        model=model, contents=contents, config=generation
-                    )
-                except errors.APIError as exc:
-                    if exc.code == 429:
-                        REQUESTS.labels(project.name, "rate_limited").inc()
-                        rate_limited += 1
-                        if rate_limited > MAX_RATE_LIMITED:
-                            raise ItemError(
-                                ErrorClass.RATE_LIMITED,
-                                f"Gemini answered 429 {rate_limited} times for this image",
-                            ) from None
-                        delay = retry_delay(exc) or self.settings.gemini_backoff_s
-                        await self.gate.back_off(project.name, model, delay)
-                        log.info(
-                            "429 from project %s; backing off %.1f s",
-                            project.name,
-                            delay,
-                            extra={"project": project.name, "model": model},
-                        )
-                        continue
-                    if _rejects_key(exc):
-                        REQUESTS.labels(project.name, "key_rejected").inc()
-                        await self.pool.quarantine(key, f"{exc.code} {exc.status}")
-                        continue
-                    if exc.code < 500 and exc.code != 408:
-                        REQUESTS.labels(project.name, "rejected").inc()
-                        raise ItemError(
-                            ErrorClass.ANALYZER_ERROR,
-                            f"Gemini refused the request: {exc.code} {exc.status}: {exc.message}",
-                        ) from None
-                    REQUESTS.labels(project.name, "server_error").inc()
-                    if exc.code in (503, 504):
-                        self.concurrency.overloaded()
-                    failure = f"{exc.code} {exc.status}: {exc.message}"
-                except TimeoutError:
-                    REQUESTS.labels(project.name, "timeout").inc()
-                    self.concurrency.overloaded()
-                    failure = f"no answer within {self.settings.gemini_timeout_s:g} s"
-                except aiohttp.ClientError as exc:
-                    REQUESTS.labels(project.name, "connection_error").inc()
-                    failure = f"connection failed: {exc}"
-                else:
-                    latency = time.monotonic() - started
-                    REQUEST_SECONDS.labels(project.name).observe(latency)
-                    REQUESTS.labels(project.name, "ok").inc()
-                    self.concurrency.observe(latency)
-                    return response, project.name
-            failures += 1
-            if failures >= self.settings.gemini_attempts:
-                raise ItemError(
-                    ErrorClass.ANALYZER_ERROR, f"Gemini failed {failures} times: {failure}"
-                )
-            backoff = min(30.0, self.settings.gemini_backoff_s * 2 ** (failures - 1))
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
 
-    async def _still_wanted(self, config: BatchConfig) -> None:
-        """Calls waiting for quota when their batch is paused or cancelled are not sent."""
-        state = await self.halted.state(config.id)
-        if state is not None:
-            raise Halted(state, f"batch {state} while waiting for quota")
+        async def send(client: genai.Client) -> types.GenerateContentResponse:
+            return await client.aio.models.generate_content(
+                model=model, contents=contents, config=generation
+            )
+
+        return await self.caller.call(config, model, tokens, send, self._classify)
+
+    def _classify(self, exc: Exception) -> Failure | None:
+        """What a google-genai exception means for the call (see ``calls``)."""
+        if isinstance(exc, errors.APIError):
+            if exc.code == 429:
+                return Failure("rate_limited", "rate_limited", "429", delay=retry_delay(exc))
+            if _rejects_key(exc):
+                return Failure("key_rejected", "key_rejected", f"{exc.code} {exc.status}")
+            if exc.code < 500 and exc.code != 408:
+                message = f"Gemini refused the request: {exc.code} {exc.status}: {exc.message}"
+                return Failure("fatal", "rejected", message)
+            return Failure(
+                "transient",
+                "server_error",
+                f"{exc.code} {exc.status}: {exc.message}",
+                overloaded=exc.code in (503, 504),
+            )
+        if isinstance(exc, TimeoutError):
+            message = f"no answer within {self.settings.gemini_timeout_s:g} s"
+            return Failure("transient", "timeout", message, overloaded=True)
+        if isinstance(exc, aiohttp.ClientError):
+            return Failure("transient", "connection_error", f"connection failed: {exc}")
+        return None
 
     async def report(self, stop: asyncio.Event) -> None:
         """Publish every key's state and its project's quota use for the dashboard."""
         await supervise("gemini-status", self.publish_status, stop, 5.0)
 
     async def publish_status(self) -> None:
-        """``{p}:gemini:status``: key short hash -> JSON (the api's system view reads it).
-
-        Quota is per (project, model): the figures shown are those of the model the
-        project used most in the current window (the default profile's model if none)."""
-        await self.pool.refresh()
-        models = self._models_used or {self.settings.choose(None, None)[1]}
-        now = time.time()
-        statuses: dict[str, bytes] = {}
-        usage_of: dict[str, tuple[str, dict[str, int]]] = {}
-        for name in self.pool.projects:
-            uses = [(m, await self.gate.usage(name, m)) for m in sorted(models)]
-            usage_of[name] = max(uses, key=lambda pair: pair[1]["rpm"])
-        for key in self.pool.all_keys():
-            project = self.pool.projects[key.project]
-            model, used = usage_of[key.project]
-            if self.pool.is_quarantined(key):
-                state, reason = "quarantined", "the key was refused (401/403)"
-            elif used["backoff_ms"]:
-                state, reason = "cooling_down", "Google answered 429: waiting its retry delay"
-            else:
-                state, reason = "ok", ""
-            limits = project.limits
-            statuses[key.short] = orjson.dumps(
-                {
-                    "project": key.project,
-                    "model": model,
-                    "state": state,
-                    "reason": reason,
-                    "rpm": {"used": used["rpm"], "limit": limits.rpm},
-                    "tpm": {"used": used["tpm"], "limit": limits.tpm},
-                    "rpd": {"used": used["rpd"], "limit": limits.rpd},
-                    "retry_at": now + used["backoff_ms"] / 1000 if used["backoff_ms"] else None,
-                    "updated_at": now,
-                }
-            )
-        async with self.res.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(self.res.keys.key_status(self.name), mapping=statuses)  # type: ignore[arg-type]
-            pipe.expire(self.res.keys.key_status(self.name), 60)
-            await pipe.execute()
+        """``{p}:gemini:status``: key short hash -> JSON (the api's system view reads it)."""
+        await self.caller.publish_status(
+            self.settings.choose(None, None)[1], "Google answered 429: waiting its retry delay"
+        )
 
     async def close(self) -> None:
         await close_clients(self.pool)

@@ -1,0 +1,432 @@
+"""The ``openai`` provider: any OpenAI-compatible chat-completions server (OpenAI itself, a
+gateway such as OpenRouter, or vLLM, Ollama, LM Studio, TGI on your own machines).
+
+A call goes as a Gemini call does (docs/PROVIDERS.md): profile and model of the batch ->
+input tokens by OpenAI's rules -> the batch's budget reserves the call's worst case ->
+a slot of this process's adaptive concurrency -> the shared quota (``limiter``, per
+project or endpoint and model, RPM and TPM) -> a key of that project ->
+``chat.completions.create`` with the image as a base64 data URL and ``response_format``
+``json_schema`` (strict) -> the answer read and validated (``answers``, the one local
+repair) -> its real cost replaces the reservation.
+
+Failures: 429 backs the (project, model) off for the server's hint (``retry-after-ms``,
+``retry-after``, else ``x-ratelimit-reset-requests``/``-tokens``), shared through Redis;
+401/403 quarantine the key; 5xx, timeouts and connection errors are retried with back-off
+up to ``OPENAI_ATTEMPTS`` times; other 4xx fail the item. A server that answers something
+that is not a chat completion, or a completion without a choice, fails the item as
+``analyzer_invalid_output`` and the worker goes on. The SDK's own retries are off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from functools import partial
+from typing import Any, Literal
+
+import msgspec
+import openai
+from openai.types.chat import ChatCompletion
+from PIL import Image
+from prometheus_client import Counter
+
+from imagestream.common import pricing, profiles
+from imagestream.common.connections import Resources
+from imagestream.common.control import BatchConfig
+from imagestream.common.errors import ErrorClass, ItemError
+from imagestream.common.messages import ImageFacts, Usage
+
+from ...answers import InvalidOutput, check, decode
+from ...budget import BudgetReached, Budgets
+from ...calls import CallPolicy, Failure, QuotaCaller, wanted_concurrency
+from ...keypool import KeyPool, KeySpec, parse_keys
+from ...limiter import Project, QuotaLimits
+from ..base import Analysis, Deferred, Halted, PaidError, pause_batch
+from . import pricing as openai_pricing
+from .schema import drop_added_nulls, strict_schema
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter(
+    "imagestream_openai_requests_total",
+    "OpenAI-compatible chat-completion calls by outcome (ok, rate_limited, key_rejected,"
+    " server_error, timeout, connection_error, rejected, unreadable), per project.",
+    ["project", "outcome"],
+)
+COST = Counter(
+    "imagestream_openai_cost_usd_total",
+    "What OpenAI-compatible calls cost at the price table's rates, per project.",
+    ["project"],
+)
+DEFAULT_MODEL = "gpt-4.1-mini"
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class OpenAISettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Settings of the OpenAI-compatible provider (docs/PROVIDERS.md)."""
+
+    #: API keys, comma-separated; KEY@PROJECT groups keys that share one quota. A local
+    #: server that checks no key still needs one here (any text). Empty: not available.
+    openai_api_keys: list[str] = []
+    #: PROJECT:rpm=N:tpm=N per project, comma-separated (0 = no limit).
+    openai_project_limits: list[str] = []
+    #: Default quota of a project per model: requests and input tokens per minute.
+    openai_rpm: int = 500
+    openai_tpm: int = 200_000
+    #: Another endpoint: a gateway, or a self-hosted server (``http://127.0.0.1:8000/v1``);
+    #: unset = api.openai.com. Set, a model the price table does not name costs 0.
+    openai_base_url: str | None = None
+    #: Model of batches that name none.
+    openai_model: str = DEFAULT_MODEL
+    #: ``detail`` of the image part: low (85 tokens), high, or auto.
+    openai_image_detail: Literal["low", "high", "auto"] = "auto"
+    openai_timeout_s: float = 120.0
+    openai_attempts: int = 4
+    openai_backoff_s: float = 1.0
+    openai_quota_window_s: float = 60.0
+    openai_quota_margin_s: float = 1.0
+    openai_quota_burst_s: float = 1.0
+    openai_quarantine_s: float = 3600.0
+    openai_max_inflight: int = 256
+    openai_prices_file: str | None = None
+    profiles_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if min(self.openai_rpm, self.openai_tpm) < 0:
+            raise ValueError("OPENAI_RPM and OPENAI_TPM must be >= 0")
+        if self.openai_attempts < 1 or self.openai_max_inflight < 1:
+            raise ValueError("OPENAI_ATTEMPTS and OPENAI_MAX_INFLIGHT must be >= 1")
+        if self.openai_quota_window_s <= 0 or self.openai_quota_margin_s < 0:
+            raise ValueError("OPENAI_QUOTA_WINDOW_S must be > 0, OPENAI_QUOTA_MARGIN_S >= 0")
+        self.key_specs()
+        try:
+            self.prices()
+        except pricing.PriceError as exc:
+            raise ValueError(str(exc)) from None
+
+    def policy(self) -> CallPolicy:
+        return CallPolicy(
+            window_s=self.openai_quota_window_s,
+            margin_s=self.openai_quota_margin_s,
+            burst_s=self.openai_quota_burst_s,
+            max_inflight=self.openai_max_inflight,
+            attempts=self.openai_attempts,
+            backoff_s=self.openai_backoff_s,
+        )
+
+    @property
+    def self_hosted(self) -> bool:
+        return self.openai_base_url is not None
+
+    def key_specs(self) -> tuple[list[KeySpec], dict[str, Project]]:
+        limits = QuotaLimits(self.openai_rpm, self.openai_tpm, 0)
+        return parse_keys(
+            self.openai_api_keys, self.openai_project_limits, limits, setting="OPENAI"
+        )
+
+    def prices(self) -> dict[str, pricing.Price]:
+        return openai_pricing.cached_prices(self.openai_prices_file)
+
+    def choose(self, profile: str | None, model: str | None) -> Choice:
+        """The batch's profile, model and price (ProfileError naming what is wrong)."""
+        compiled = profiles.cached_catalog(self.profiles_dir).profile(
+            profile or profiles.DEFAULT_PROFILE
+        )
+        name = (model or self.openai_model).strip()
+        try:
+            price = openai_pricing.price_for(name, self.prices(), self_hosted=self.self_hosted)
+        except pricing.PriceError as exc:
+            raise profiles.ProfileError(str(exc)) from None
+        return Choice(compiled, name, price, strict_schema(compiled.profile.response_schema))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    compiled: profiles.CompiledProfile
+    model: str
+    price: pricing.Price
+    #: The response schema in strict mode's dialect.
+    schema: dict[str, Any]
+
+
+def settings_from(env: Mapping[str, str]) -> OpenAISettings:
+    from imagestream.common import settings
+
+    return settings.load(OpenAISettings, env)
+
+
+def make_client(secret: str, *, base_url: str | None, timeout_s: float) -> openai.AsyncOpenAI:
+    # max_retries=0: the SDK's retries would ignore our quota and the shared back-off.
+    return openai.AsyncOpenAI(api_key=secret, base_url=base_url, timeout=timeout_s, max_retries=0)
+
+
+def retry_hint(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait after a 429, from the server's headers (None: no hint)."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass
+    if (after := headers.get("retry-after")) is not None:
+        try:
+            return float(after)
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(after).timestamp() - time.time())
+            except (TypeError, ValueError):
+                pass
+    resets = [
+        duration_s(value)
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+        if (value := headers.get(name)) is not None
+    ]
+    found = [r for r in resets if r is not None]
+    return max(found) if found else None
+
+
+def duration_s(text: str) -> float | None:
+    """OpenAI's reset durations ("1s", "6m0s", "20ms") in seconds."""
+    parts = _DURATION_PART.findall(text.strip())
+    if not parts:
+        return None
+    return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            return img.size
+    except (OSError, ValueError) as exc:
+        raise ItemError(ErrorClass.DECODE_ERROR, f"cannot read the image: {exc}") from None
+
+
+class OpenAIProvider:
+    name = "openai"
+    paid = True
+    jobs: Deferred | None = None
+
+    def __init__(self, res: Resources, settings: OpenAISettings) -> None:
+        self.res = res
+        self.settings = settings
+        specs, projects = settings.key_specs()
+        self.pool: KeyPool[openai.AsyncOpenAI] = KeyPool(
+            res.redis,
+            res.keys,
+            self.name,
+            specs,
+            projects,
+            make_client=partial(
+                make_client, base_url=settings.openai_base_url, timeout_s=settings.openai_timeout_s
+            ),
+            quarantine_s=settings.openai_quarantine_s,
+        )
+        self.caller = QuotaCaller(
+            res, self.name, "the server", self.pool, policy=settings.policy(), requests=REQUESTS
+        )
+        self.budgets = Budgets(res)
+
+    @staticmethod
+    def wanted_concurrency(settings: OpenAISettings) -> int:
+        """Images an analyzer process holds at once to keep the whole quota busy."""
+        if not settings.openai_api_keys:
+            return 0
+        return wanted_concurrency(settings.key_specs()[1], settings.policy())
+
+    def _choice(self, config: BatchConfig) -> Choice:
+        try:
+            return self.settings.choose(config.profile, config.model)
+        except profiles.ProfileError as exc:
+            raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
+
+    def columns(self, config: BatchConfig) -> list[str]:
+        return self._choice(config).compiled.columns
+
+    def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
+        return self._choice(config).compiled.column_schemas
+
+    def cache_key(self, config: BatchConfig) -> tuple[str, str]:
+        choice = self._choice(config)
+        return choice.compiled.key, choice.model
+
+    def _request(self, choice: Choice, data: bytes) -> dict[str, Any]:
+        profile = choice.compiled.profile
+        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+        url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        request: dict[str, Any] = {
+            "model": choice.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": profile.prompt},
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": url, "detail": self.settings.openai_image_detail},
+                        },
+                    ],
+                }
+            ],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": choice.compiled.name,
+                    "strict": True,
+                    "schema": choice.schema,
+                },
+            },
+            "max_completion_tokens": profile.max_output_tokens,
+        }
+        if profile.temperature is not None:
+            request["temperature"] = profile.temperature
+        return request
+
+    def _input_tokens(self, choice: Choice, data: bytes) -> int:
+        width, height = _image_size(data)
+        image = openai_pricing.image_tokens(width, height, self.settings.openai_image_detail)
+        return (
+            image
+            + pricing.text_tokens(choice.compiled.profile.prompt)
+            + (choice.compiled.schema_tokens)
+        )
+
+    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
+        choice = self._choice(config)
+        tokens = self._input_tokens(choice, data)
+        worst = pricing.cost_usd(
+            choice.price,
+            input_tokens=math.ceil(tokens * 1.1) + 16,
+            output_tokens=choice.compiled.profile.max_output_tokens,
+        )
+        try:
+            reservation = await self.budgets.reserve(config.id, worst)
+        except BudgetReached as exc:
+            await pause_batch(self.res, config.id, "budget_reached")
+            raise Halted("paused", str(exc)) from None
+        usage = Usage()
+        try:
+            completion, project = await self._call(
+                config, choice.model, self._request(choice, data), tokens
+            )
+            usage = usage_of(completion, choice.price)
+        finally:
+            await self.budgets.settle(reservation, usage.cost_usd)
+        COST.labels(project).inc(usage.cost_usd)
+        try:
+            fields = read(completion, choice)
+        except InvalidOutput as exc:
+            raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
+        return Analysis(fields=fields, usage=usage, model=choice.model)
+
+    async def _call(
+        self, config: BatchConfig, model: str, request: dict[str, Any], tokens: int
+    ) -> tuple[ChatCompletion, str]:
+        """The completion, and the project whose key got it."""
+
+        async def send(client: openai.AsyncOpenAI) -> ChatCompletion:
+            completion = await client.chat.completions.create(**request)
+            if not isinstance(completion, ChatCompletion):  # a body that is not JSON
+                raise ValueError("not JSON")
+            return completion
+
+        return await self.caller.call(config, model, tokens, send, self._classify)
+
+    def _classify(self, exc: Exception) -> Failure | None:
+        """What an openai SDK exception means for the call (see ``calls``)."""
+        if isinstance(exc, openai.RateLimitError):
+            return Failure(
+                "rate_limited", "rate_limited", "429", delay=retry_hint(exc.response.headers)
+            )
+        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+            return Failure("key_rejected", "key_rejected", str(exc.status_code))
+        if isinstance(exc, openai.APITimeoutError):
+            message = f"no answer within {self.settings.openai_timeout_s:g} s"
+            return Failure("transient", "timeout", message, overloaded=True)
+        if isinstance(exc, openai.APIConnectionError):
+            return Failure("transient", "connection_error", f"connection failed: {exc}")
+        if isinstance(exc, openai.APIStatusError):
+            if exc.status_code < 500 and exc.status_code != 408:
+                message = f"the server refused the request: {exc.status_code}: {exc.message}"
+                return Failure("fatal", "rejected", message)
+            return Failure(
+                "transient",
+                "server_error",
+                f"{exc.status_code}: {exc.message}",
+                overloaded=exc.status_code in (503, 504),
+            )
+        if isinstance(exc, openai.APIResponseValidationError | ValueError):
+            return Failure(
+                "fatal",
+                "unreadable",
+                f"the server's answer is not a chat completion: {exc}",
+                error_class=ErrorClass.ANALYZER_INVALID_OUTPUT,
+            )
+        return None
+
+    async def report(self, stop: asyncio.Event) -> None:
+        from imagestream.common.runtime import supervise
+
+        await supervise("openai-status", self.publish_status, stop, 5.0)
+
+    async def publish_status(self) -> None:
+        await self.caller.publish_status(
+            self.settings.openai_model, "the server answered 429: waiting its retry hint"
+        )
+
+    async def close(self) -> None:
+        for key in self.pool.all_keys():
+            await key.client.close()
+
+
+def usage_of(completion: ChatCompletion, price: pricing.Price) -> Usage:
+    """Tokens from ``usage`` (prompt, completion, reasoning, cached) and what they cost."""
+    usage = completion.usage
+    if usage is None:
+        return Usage()
+    details = usage.completion_tokens_details
+    reasoning = (details.reasoning_tokens or 0) if details else 0
+    prompt_details = usage.prompt_tokens_details
+    cached = (prompt_details.cached_tokens or 0) if prompt_details else 0
+    completion_tokens = usage.completion_tokens or 0
+    cost = pricing.cost_usd(
+        price,
+        input_tokens=usage.prompt_tokens or 0,
+        output_tokens=completion_tokens,
+        cached_tokens=cached,
+    )
+    return Usage(
+        input_tokens=usage.prompt_tokens or 0,
+        output_tokens=max(0, completion_tokens - reasoning),
+        thought_tokens=reasoning,
+        cached_tokens=cached,
+        cost_usd=cost,
+    )
+
+
+def read(completion: ChatCompletion, choice: Choice) -> dict[str, Any]:
+    """The analysis (flattened), a refusal as the ``blocked`` analysis; InvalidOutput else."""
+    compiled = choice.compiled
+    if not completion.choices:
+        raise InvalidOutput("the server returned no choice")
+    first = completion.choices[0]
+    message = first.message
+    if message.refusal:
+        return compiled.blocked(f"refused: {message.refusal}")
+    if first.finish_reason == "content_filter":
+        return compiled.blocked("content_filter")
+    if first.finish_reason == "length":
+        cap = compiled.profile.max_output_tokens
+        raise InvalidOutput(
+            f"the answer was cut at the output cap of {cap} tokens"
+            f" (raise max_output_tokens of profile {compiled.name})"
+        )
+    value = decode(message.content or "", "openai")
+    return check(drop_added_nulls(value, compiled.profile.response_schema), compiled)
