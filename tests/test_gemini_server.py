@@ -20,7 +20,6 @@ from google import genai
 from google.genai import errors, types
 from PIL import Image
 
-from imagestream.devtools.gemini_fakegen import generate_for_schema
 from imagestream.devtools.gemini_server import (
     Emulator,
     EmulatorConfig,
@@ -30,6 +29,7 @@ from imagestream.devtools.gemini_server import (
     config_from_args,
     running_emulator,
 )
+from imagestream.devtools.schema_fake import generate_for_schema
 
 # google-genai subclasses aiohttp.ClientSession, which aiohttp answers with a
 # DeprecationWarning; the repository turns warnings into errors.

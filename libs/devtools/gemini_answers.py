@@ -1,6 +1,6 @@
 """Reading GenerateContentRequests and writing GenerateContentResponses for the emulator.
 
-Token counts follow ``gemini_tokens``; answers come from ``gemini_fakegen``, seeded by a hash
+Token counts follow ``gemini_tokens``; answers come from ``schema_fake``, seeded by a hash
 of the request's image bytes so the same image always gets the same answer.
 """
 
@@ -17,16 +17,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from .emulator_core import MARKER_RE, ImageDecodeError, image_size, text_tokens
 from .gemini_errors import TROUBLESHOOTING, bad_request
-from .gemini_fakegen import caption, default_json, generate_for_schema, plain_text, seed_from
 from .gemini_tokens import (
     OPAQUE_MEDIA_TOKENS,
-    ImageDecodeError,
-    image_size,
     image_tokens,
     model_generation,
     normalize_media_resolution,
-    text_tokens,
+)
+from .schema_fake import (
+    caption,
+    default_json,
+    generate_for_schema,
+    plain_text,
+    seed_from,
+    spoil,
 )
 
 Outcome = Literal[
@@ -47,7 +52,6 @@ Outcome = Literal[
 # and no candidates. fenced_json: the JSON wrapped in ```json fences. invalid_json: the JSON
 # cut short, finishReason STOP. max_tokens: the answer cut short, finishReason MAX_TOKENS.
 OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
-MARKER_RE = re.compile(r"\[\[emulate:([a-z0-9_]+)\]\]")
 SAFETY_CATEGORIES = (
     "HARM_CATEGORY_SEXUALLY_EXPLICIT",
     "HARM_CATEGORY_HATE_SPEECH",
@@ -318,14 +322,8 @@ def build_response(
             return body, usage, outcome
 
     text = _answer_text(req)
-    finish = "STOP"
-    if outcome == "fenced_json":
-        text = f"```json\n{text}\n```"
-    elif outcome == "invalid_json":
-        text = text[: max(1, int(len(text) * 0.6))]
-    elif outcome == "max_tokens":
-        text = text[: max(1, len(text) // 2)]
-        finish = "MAX_TOKENS"
+    text, cut_off = spoil(text, outcome)
+    finish = "MAX_TOKENS" if cut_off else "STOP"
     thoughts, include_thoughts = _thought_tokens(req, default_thinking)
     max_output = field_of(req.generation_config, "maxOutputTokens")
     answer_tokens = text_tokens(text)

@@ -20,7 +20,8 @@ import hashlib
 import math
 from typing import Any
 
-from .gemini_quota import Violation
+from .emulator_core import EmulatedError
+from .emulator_quota import Violation
 
 SERVICE = "generativelanguage.googleapis.com"
 RATE_LIMIT_DOC = "https://ai.google.dev/gemini-api/docs/rate-limits"
@@ -36,7 +37,7 @@ _GRPC_CODES = {
 }
 
 
-class ApiError(Exception):
+class ApiError(EmulatedError):
     """An error answered with Google's JSON error body."""
 
     def __init__(

@@ -28,14 +28,9 @@ Sources (read November 2026):
 
 from __future__ import annotations
 
-import io
 import math
 import re
-import warnings
 
-from PIL import Image
-
-TEXT_CHARS_PER_TOKEN = 4
 IMAGE_TILE_TOKENS = 258
 SMALL_IMAGE_MAX_SIDE = 384
 TILE_MIN_SIDE = 256
@@ -61,36 +56,12 @@ GEMINI3_DEFAULT_IMAGE_TOKENS = GEMINI3_MEDIA_RESOLUTION_TOKENS["MEDIA_RESOLUTION
 _GENERATION_RE = re.compile(r"gemini-(\d+)")
 
 
-class ImageDecodeError(ValueError):
-    """The bytes given as an image are not an image Pillow can read the header of."""
-
-
-def text_tokens(text: str) -> int:
-    """About one token per four characters, at least one for any non-empty text."""
-    if not text:
-        return 0
-    return math.ceil(len(text) / TEXT_CHARS_PER_TOKEN)
-
-
 def model_generation(model: str) -> int:
     """The major version of a Gemini model name: 3 for "gemini-3-pro-preview", else 2."""
     match = _GENERATION_RE.search(model)
     if match is None:
         return 2
     return int(match.group(1))
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the image header (Pillow reads the header only)."""
-    try:
-        with warnings.catch_warnings():
-            # A huge image is a legitimate input to count tokens for, not a bomb to refuse.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(str(exc)) from exc
-    return int(width), int(height)
 
 
 def tiled_image_tokens(width: int, height: int) -> int:

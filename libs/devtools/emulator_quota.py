@@ -1,12 +1,13 @@
-"""Per-project rate-limit windows for the Gemini emulator.
+"""Per-project rate-limit windows shared by the API emulators (Gemini, OpenAI, Anthropic).
 
-Google meters Gemini API quota per Google Cloud project and per model: requests per minute
-(RPM), input tokens per minute (TPM) and requests per day (RPD); every API key of a project
-draws on the same quota (https://ai.google.dev/gemini-api/docs/rate-limits). The emulator
-keeps one sliding window per (project, model) and metric. Google's own accounting is not
-published; a sliding window gives the property the emulator exists to test: the retry delay
-it reports is the exact time until the window has room for the refused request, so a client
-that waits that long (and is alone on the project) gets through.
+Every provider meters requests per minute (RPM) and tokens per minute (TPM) per account
+(Google: per Cloud project and model, https://ai.google.dev/gemini-api/docs/rate-limits;
+OpenAI: per organization and model; Anthropic: per organization and model class), and Google
+adds requests per day (RPD). The emulators keep one sliding window per (project, model) and
+metric. No provider publishes its exact accounting; a sliding window gives the property the
+emulators exist to test: the retry delay reported is the exact time until the window has
+room for the refused request, so a client that waits that long (and is alone on the
+project) gets through.
 
 Requests refused with 429 are not counted, as they consume no quota. RPD uses a sliding
 window of `day_seconds` rather than Google's reset at midnight Pacific time.
@@ -76,6 +77,13 @@ class SlidingWindow:
                 return max(0.0, stamp + self.length - now)
         return self.length  # unreachable: the whole window frees `_total` >= excess
 
+    def next_release(self, now: float) -> float:
+        """Seconds until the oldest admission leaves the window (0: the window is empty)."""
+        self._prune(now)
+        if not self._entries:
+            return 0.0
+        return max(0.0, self._entries[0][0] + self.length - now)
+
     def add(self, now: float, weight: int) -> None:
         self._prune(now)
         self._entries.append((now, weight))
@@ -132,6 +140,14 @@ class QuotaBook:
         bucket.minute_requests.add(now, 1)
         bucket.minute_tokens.add(now, tokens)
         bucket.day_requests.add(now, 1)
+
+    def window_state(
+        self, scope: tuple[str, str], metric: Literal["requests", "tokens"], now: float
+    ) -> tuple[int, float]:
+        """(used in the minute window, seconds until its oldest admission leaves it)."""
+        bucket = self._bucket(scope)
+        window = bucket.minute_requests if metric == "requests" else bucket.minute_tokens
+        return window.used(now), window.next_release(now)
 
     def usage(self, now: float) -> dict[str, dict[str, int]]:
         """Current window contents per "project/model", for the stats endpoint."""

@@ -1,6 +1,6 @@
-"""Deterministic, plausible model output for the Gemini emulator.
+"""Deterministic, plausible model output for the API emulators.
 
-Given a response schema, in either dialect the API accepts -- ``responseSchema`` (the
+Given a response schema, in any dialect the APIs accept -- ``responseSchema`` (the
 OpenAPI 3.0 subset: upper-case ``type``, ``nullable``, ``format: enum``, ``propertyOrdering``;
 the Python SDK sends some keys in snake_case, e.g. ``property_ordering``, ``max_items``) or
 ``responseJsonSchema`` (JSON Schema: ``$ref``/``$defs``, ``anyOf``, type lists, ``const``) --
@@ -391,6 +391,21 @@ def _timestamp(rng: random.Random) -> dt.datetime:
 def _uuid(rng: random.Random) -> str:
     raw = f"{rng.getrandbits(128):032x}"
     return f"{raw[:8]}-{raw[8:12]}-4{raw[13:16]}-a{raw[17:20]}-{raw[20:32]}"
+
+
+def spoil(text: str, outcome: str) -> tuple[str, bool]:
+    """The answer as the outcome damages it, and whether the model was cut off.
+
+    fenced_json: wrapped in a Markdown fence (the local repair fixes it); invalid_json: cut
+    short at 60 % although the model says it finished; max_tokens: cut in half, cut off.
+    """
+    if outcome == "fenced_json":
+        return f"```json\n{text}\n```", False
+    if outcome == "invalid_json":
+        return text[: max(1, int(len(text) * 0.6))], False
+    if outcome == "max_tokens":
+        return text[: max(1, len(text) // 2)], True
+    return text, False
 
 
 def generate_for_schema(schema: Mapping[str, Any], seed: int) -> Any:
