@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -20,6 +21,11 @@ from imagestream.common.storage import StorageError
 from . import local, pipeline, remote
 
 log = logging.getLogger("imagestream")
+# `imagestream dev TOOL`: the module in imagestream.devtools whose main() runs it.
+DEV_SERVERS = {
+    "gemini-server": ("gemini_server", "a Gemini API emulator"),
+    "openai-server": ("openai_server", "an OpenAI-compatible API emulator"),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,12 +90,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dev", help="development tools")
     devsub = p.add_subparsers(dest="dev_command", required=True, metavar="TOOL")
-    d = devsub.add_parser(
-        "gemini-server",
-        help="a Gemini API emulator on 127.0.0.1 (for tests, benchmarks and demos)",
-        add_help=False,
-    )
-    d.add_argument("args", nargs=argparse.REMAINDER, help="its options (see its --help)")
+    for tool, what in DEV_SERVERS.items():
+        d = devsub.add_parser(
+            tool,
+            help=f"{what[1]} on 127.0.0.1 (for tests, benchmarks and demos)",
+            add_help=False,
+        )
+        d.add_argument("args", nargs=argparse.REMAINDER, help="its options (see its --help)")
 
     sub.add_parser("demo", help="analyze a few bundled sample images served on 127.0.0.1")
     sub.add_parser("up", help="run every service in this process (dashboard and API on :5001)")
@@ -209,9 +216,8 @@ def cmd_estimate(args: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def cmd_dev(args: argparse.Namespace, env: dict[str, str]) -> int:
-    from imagestream.devtools import gemini_server
-
-    gemini_server.main(args.args)
+    module = importlib.import_module(f"imagestream.devtools.{DEV_SERVERS[args.dev_command][0]}")
+    module.main(args.args)
     return 0
 
 
