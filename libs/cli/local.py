@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
 
@@ -103,10 +102,6 @@ async def _check_output(output: str | None, fmt: str | None) -> export.Sink | No
     return sink
 
 
-def _url_file_name(url: str) -> str:
-    return unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2]) or "list"
-
-
 async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Event) -> RunReport:
     """Run one list through an in-process pipeline and export its results."""
     source = options.input
@@ -119,7 +114,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
     if path is not None and not path.exists():
         raise UsageError(f"{source} does not exist")
     # A list's name (its extension tells its format): the file's, or the URL path's end.
-    list_name = path.name if path is not None else _url_file_name(source)
+    list_name = path.name if path is not None else storage.file_name(source) or "list"
     sink = await _check_output(options.output, options.format)
     try:
         choice = providers.resolve_batch(

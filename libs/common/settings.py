@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 from dotenv import dotenv_values
 
-from . import guard
+from . import guard, storage
 
 
 class SettingsError(Exception):
@@ -49,12 +49,20 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: How often a service pings Redis/PostgreSQL and (one process per deployment, by lease)
     #: collects the stream, dead-stream and batch gauges for /metrics (seconds).
     observe_interval_s: float = 15.0
+    #: Buckets (``s3://name``, ``gs://name``) a batch's list may be read from when an api
+    #: client names it (``list_url``); none by default. (The CLI reads any list its user
+    #: names, with its user's credentials.)
+    list_allowed_buckets: tuple[str, ...] = ()
     #: CIDR ranges a list at an http(s) URL may come from although private or loopback.
     list_allowed_cidrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR")
+        try:
+            storage.parse_buckets(self.list_allowed_buckets)
+        except ValueError as exc:
+            raise ValueError(f"LIST_ALLOWED_BUCKETS: {exc}") from None
         try:
             guard.parse_cidrs(self.list_allowed_cidrs)
         except ValueError as exc:
@@ -63,6 +71,10 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("SHUTDOWN_GRACE_S must be > 0")
         if self.observe_interval_s <= 0:
             raise ValueError("OBSERVE_INTERVAL_S must be > 0")
+
+    def list_buckets(self) -> frozenset[tuple[str, str]]:
+        """The buckets an api client's ``list_url`` may name."""
+        return storage.parse_buckets(self.list_allowed_buckets)
 
     def list_address_policy(self) -> guard.AddressPolicy:
         """Where a list at an http(s) URL may be fetched from."""

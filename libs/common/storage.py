@@ -371,6 +371,45 @@ def _shown(url: URL) -> str:
     return str(url.with_user(None).with_query(None).with_fragment(None))
 
 
+def shown_url(url: str) -> str:
+    """``url`` fit for messages, logs and api answers (see ``_shown``)."""
+    try:
+        return _shown(URL(url, encoded=True))
+    except ValueError:
+        return "(unparsable URL)"
+
+
+def file_name(url: str) -> str:
+    """The last segment of a URL's path (a list's extension tells its format)."""
+    return unquote(urlsplit(url).path.rstrip("/").rpartition("/")[2])
+
+
+def check_source(
+    url: str, *, allowed_buckets: frozenset[tuple[str, str]] | None, policy: AddressPolicy
+) -> None:
+    """StorageError unless ``read_chunks`` may read ``url`` for a caller: an s3:// or gs://
+    object in ``allowed_buckets`` (None: any bucket), or a web URL whose host passes the
+    address guard by syntax (what it resolves to is checked when it is read)."""
+    if url.lower().startswith(("http://", "https://")):
+        try:
+            guard.check_url(URL(url, encoded=True), policy)
+        except ValueError as exc:
+            raise StorageError(f"unparsable URL ({exc})", "invalid") from None
+        except guard.BlockedAddressError as exc:
+            raise StorageError(f"{shown_url(url)}: {exc}", "blocked") from None
+        return
+    location = parse(url)
+    if location.scheme == "file":
+        raise StorageError("a list URL is s3://, gs:// or https://", "invalid")
+    if location.is_prefix:
+        raise StorageError(f"{location} is a prefix, not an object", "invalid")
+    if allowed_buckets is not None and not bucket_allowed(location, allowed_buckets):
+        raise StorageError(
+            f"bucket {location.scheme}://{location.bucket} is not in LIST_ALLOWED_BUCKETS",
+            "denied",
+        )
+
+
 async def _read_http(url: str, chunk_bytes: int, policy: AddressPolicy) -> AsyncIterator[bytes]:
     current = URL(url, encoded=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)

@@ -20,8 +20,9 @@ from aiohttp import web
 from multidict import MultiDict
 from redis.exceptions import RedisError
 
-from imagestream.common import control, export, ledger, messages, streams
+from imagestream.common import control, export, ledger, messages, storage, streams
 from imagestream.common.connections import Resources
+from imagestream.common.storage import StorageError
 
 from . import params, uploads
 from .batch_fields import batch_fields
@@ -71,6 +72,9 @@ class Batches:
                 conn, ledger.NewBatch(name="upload", pipeline=self.res.keys.prefix)
             )
             upload = await uploads.receive(request, conn, batch_id, limit)
+            list_url = upload.fields.pop("list_url", None)
+            if list_url is not None:
+                upload.source_name = self._checked_list_url(list_url)
             fields = batch_fields(
                 upload.fields,
                 source_name=upload.source_name,
@@ -79,7 +83,8 @@ class Batches:
             await conn.execute(
                 """
                 UPDATE batches SET name = $2, analyzer = $3, profile = $4, model = $5,
-                       budget_usd = $6, source_name = $7, source_format = $8, options = $9
+                       budget_usd = $6, source_name = $7, source_format = $8, options = $9,
+                       list_url = $10
                 WHERE id = $1
                 """,
                 batch_id,
@@ -91,6 +96,7 @@ class Batches:
                 upload.source_name,
                 upload.format,
                 fields.options,
+                list_url,
             )
         try:
             await streams.append(
@@ -106,6 +112,20 @@ class Batches:
         row = await ledger.batch(self.pool, batch_id)
         body = batch_json(row) | {"upload_bytes": upload.bytes}
         return json_response(body, status=201, headers={"Location": f"/api/v1/batches/{batch_id}"})
+
+    def _checked_list_url(self, list_url: str) -> str:
+        """The list's name, or 400: ingest will read ``list_url`` (in LIST_ALLOWED_BUCKETS,
+        or a web URL that passes the address guard) with the service's credentials."""
+        url = list_url.strip()
+        try:
+            storage.check_source(
+                url,
+                allowed_buckets=self.settings.list_buckets(),
+                policy=self.settings.list_address_policy(),
+            )
+        except StorageError as exc:
+            raise bad_request(f"list_url: {exc}") from None
+        return (storage.file_name(url) or "list")[: uploads.MAX_NAME]
 
     # ------------------------------------------------------------ browse
     async def list(self, request: web.Request) -> web.Response:

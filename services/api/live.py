@@ -29,7 +29,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from imagestream.common import ledger, observe
+from imagestream.common import ledger, observe, storage
 from imagestream.common.keys import GROUPS, Keys
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,8 @@ def batch_json(row: asyncpg.Record) -> dict[str, Any]:
         "model": row["model"],
         "source_name": row["source_name"],
         "source_format": row["source_format"],
+        # Without a signed URL's query (the caller's credential) or user info.
+        "list_url": storage.shown_url(row["list_url"]) if row["list_url"] else None,
         "ingested": row["ingested"],
         "counts": {
             "total": total,

@@ -88,6 +88,11 @@ SCHEMAS: dict[str, Schema] = {
             "model": nullable(STRING),
             "source_name": nullable(STRING),
             "source_format": nullable(STRING),
+            "list_url": {
+                **nullable(STRING),
+                "description": "Where the list is read from, if not uploaded (without a"
+                " query or user info).",
+            },
             "ingested": BOOLEAN,
             "counts": ref("Counts"),
             "progress": {"type": "number", "minimum": 0, "maximum": 100},
@@ -191,7 +196,7 @@ SCHEMAS |= {
     ),
     "BatchUpload": {
         "type": "object",
-        "required": ["file"],
+        "oneOf": [{"required": ["file"]}, {"required": ["list_url"]}],
         "additionalProperties": False,
         "properties": {
             "file": {
@@ -199,6 +204,14 @@ SCHEMAS |= {
                 "contentMediaType": "application/octet-stream",
                 "description": "The list: CSV (a url column, or URLs first), TXT or JSONL;"
                 " may be gzipped.",
+            },
+            "list_url": {
+                "type": "string",
+                "maxLength": 4096,
+                "description": "Instead of file: the list's s3://, gs:// (a bucket named in"
+                " LIST_ALLOWED_BUCKETS) or https:// URL (a public address, or one"
+                " LIST_ALLOWED_CIDRS allows), streamed by ingest with the service's"
+                " credentials.",
             },
             "batch_name": {"type": "string", "maxLength": 200},
             "name": {"type": "string", "maxLength": 200, "description": "Alias of batch_name."},
@@ -701,9 +714,10 @@ def build() -> dict[str, Any]:
                         }
                     },
                 },
-                description="Upload a list (streamed; at most MAX_UPLOAD_BYTES, default 2 GiB)."
-                " The old system's form (file + batch_name) works unchanged. Rows are"
-                " validated by ingest; invalid ones are listed under /rejects.",
+                description="Upload a list (streamed; at most MAX_UPLOAD_BYTES, default 2 GiB),"
+                " or name its URL in list_url. The old system's form (file + batch_name)"
+                " works unchanged. Rows are validated by ingest; invalid ones are listed"
+                " under /rejects.",
             ),
             "get": operation(
                 "List batches",

@@ -1,5 +1,6 @@
 """Receiving an uploaded list: streamed into PostgreSQL in 1 MiB parts (ingest reads them
-back), never held whole in memory, refused as early as possible.
+back), never held whole in memory, refused as early as possible. (A form may name the
+list's URL in ``list_url`` instead; ingest reads it from there, see batches.py.)
 
 * A ``Content-Length`` over the limit is refused before a byte of the body is read (and,
   with ``Expect: 100-continue``, before the client sends it); a body that grows past the
@@ -30,6 +31,8 @@ PART_BYTES = 1024 * 1024
 HEAD_BYTES = 64 * 1024
 MAX_PARTS = 20
 MAX_FIELD_BYTES = 4096
+#: Longest list name kept (the uploaded file's, or the end of its URL).
+MAX_NAME = 200
 
 
 def too_large(limit: int) -> ApiError:
@@ -83,7 +86,9 @@ async def receive(
 ) -> Upload:
     """Read the multipart form: store its ``file`` part, return it and the text fields."""
     if not request.content_type.startswith("multipart/form-data"):
-        raise ApiError(415, "send multipart/form-data with a 'file' part (and batch_name)")
+        raise ApiError(
+            415, "send multipart/form-data with a 'file' part or a 'list_url' (and batch_name)"
+        )
     try:
         return await _receive(await request.multipart(), conn, batch_id, limit)
     except _MALFORMED as exc:
@@ -109,14 +114,16 @@ async def _receive(
             if got_file:
                 raise bad_request("send one 'file' per batch")
             got_file = True
-            upload.source_name = (part.filename or "upload")[:200]
+            upload.source_name = (part.filename or "upload")[:MAX_NAME]
             await _store(conn, batch_id, part, upload, limit)
         elif part.name:
             upload.fields[part.name] = await _text(part)
     else:
         raise bad_request(f"too many form parts (at most {MAX_PARTS})")
-    if not got_file:
-        raise bad_request("the form has no 'file' part")
+    if got_file and "list_url" in upload.fields:
+        raise bad_request("send a 'file' or a 'list_url', not both")
+    if not got_file and "list_url" not in upload.fields:
+        raise bad_request("the form has no 'file' part (or 'list_url' field)")
     return upload
 
 

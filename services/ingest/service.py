@@ -2,9 +2,10 @@
 
 Three loops share one process:
 
-* the **batches** consumer reads each submitted list (stored in PostgreSQL by the api)
-  incrementally, validates and normalizes every URL, and COPYs the rows into ``items``;
-  in-batch duplicate URLs are dropped by the ledger's unique key and counted. Progress is
+* the **batches** consumer reads each submitted list (stored in PostgreSQL by the api, or
+  streamed from its ``list_url``: s3://, gs:// or https://, see storage.py) incrementally,
+  validates and normalizes every URL, and COPYs the rows into ``items``; in-batch
+  duplicate URLs are dropped by the ledger's unique key and counted. Progress is
   committed with the rows, so a list whose reader died resumes where it stopped;
 * the **dispatcher** keeps the fetch stream topped up: it moves pending items of running
   batches into the stream while the whole pipeline holds fewer than ``DISPATCH_WINDOW``
@@ -21,17 +22,19 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from prometheus_client import Counter
 from redis.exceptions import LockError
 
-from imagestream.common import control, ledger, messages, streams
+from imagestream.common import control, ledger, messages, storage, streams
 from imagestream.common.connections import Resources
 from imagestream.common.inputs import InputError, ListParser, Reject, Row
 from imagestream.common.keys import GROUPS
 from imagestream.common.runtime import supervise
 from imagestream.common.settings import StreamSettings
+from imagestream.common.storage import StorageError
 from imagestream.common.worker import Out, StreamWorker
 
 log = logging.getLogger(__name__)
@@ -203,14 +206,24 @@ class Ingest:
             await ingest_list(
                 self.res,
                 batch_id,
-                ledger.upload_parts(self.res.pool, batch_id),
+                self._list_chunks(batch),
                 filename=batch["source_name"],
                 chunk_rows=self.settings.ingest_chunk_rows,
             )
-        except InputError as exc:
+        except (InputError, StorageError) as exc:
             log.warning("list rejected: %s", exc, extra={"batch": message.batch_id})
             await ledger.fail_batch(self.res.pool, batch_id, str(exc))
         return []
+
+    def _list_chunks(self, batch: Any) -> AsyncIterator[bytes]:
+        """The uploaded list from the ledger, or the list at the batch's ``list_url`` (its
+        bucket or address checked again: the settings may have changed since)."""
+        url = batch["list_url"]
+        if url is None:
+            return ledger.upload_parts(self.res.pool, batch["id"])
+        policy = self.settings.list_address_policy()
+        storage.check_source(url, allowed_buckets=self.settings.list_buckets(), policy=policy)
+        return storage.read_chunks(url, policy=policy)
 
     def on_dead(self, message: messages.BatchSubmitted | None, reason: str) -> list[Out]:
         return []
@@ -290,8 +303,9 @@ class Ingest:
             UPDATE batches b SET updated_at = now()
             WHERE pipeline = $1 AND NOT ingested AND state IN ('queued', 'running', 'paused')
               AND updated_at < now() - make_interval(secs => $2)
-              -- Only uploads can be read again; a list the CLI streams has no parts.
-              AND EXISTS (SELECT 1 FROM upload_parts p WHERE p.batch_id = b.id)
+              -- Uploads and lists at a URL can be read again; one the CLI streams cannot.
+              AND (b.list_url IS NOT NULL
+                   OR EXISTS (SELECT 1 FROM upload_parts p WHERE p.batch_id = b.id))
             RETURNING id
             """,
             keys.prefix,
