@@ -233,12 +233,10 @@ async def _forget_keys(res: Resources) -> None:
 
 
 async def export_results(res: Resources, batch_id: uuid.UUID, url: str, sink: export.Sink) -> None:
-    """The batch's results, streamed to a file or object (which appears only when whole)."""
+    """The batch's results, streamed to one file or object (which appears only when whole)."""
     batch = await ledger.batch(res.pool, batch_id)
     selection = export.Selection(res.pool, batch_id, export.batch_layout(batch))
-    async with storage.open_write(url) as out:
-        async for piece in sink.write(selection):
-            await out.write(piece)
+    await export.write_to(selection, sink, url, export.Written())
 
 
 def summary(report: RunReport) -> str:
