@@ -37,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Literal, Self, TypeVar, cast
+from typing import Any, ClassVar, Generic, Literal, NoReturn, Self, TypeVar, cast
 
 import msgspec
 import orjson
@@ -236,6 +236,15 @@ class EmulatedError(Exception):
     code: int
     outcome: str
     headers: Mapping[str, str] = {}
+    retry_delay: float | None = None  # logged with a 429
+    source: str | None = None  # what forced it (marker, queue:KEY), logged
+
+    def refused(self, refusal: Refusal) -> Self:
+        """This error as the answer to `refusal`: logged with its outcome and retry delay."""
+        self.outcome = refusal.outcome
+        self.retry_delay = refusal.retry_after
+        self.source = refusal.source
+        return self
 
     def body(self) -> Any:
         raise NotImplementedError
@@ -266,10 +275,16 @@ class _KeyStats:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A request the quota windows refuse: what was broken and when to come back."""
+    """A request refused with 429: what was broken and when to come back.
+
+    outcome "quota_exceeded": the windows are full; "429": an injected 429 (`source` says
+    what forced it), which leaves the windows alone.
+    """
 
     violations: list[Violation]
     retry_after: float
+    outcome: str = "quota_exceeded"
+    source: str | None = None
 
 
 class EmulatorCore(Generic[ConfigT]):
@@ -462,6 +477,24 @@ class EmulatorCore(Generic[ConfigT]):
         self._quota.admit(scope, tokens, now)
         return None
 
+    def admit_outcome(
+        self, key: str, model: str, tokens: int, now: float, *, outcome: str, source: str
+    ) -> Refusal | None:
+        """Admit a request whose outcome is drawn, or say why it gets a 429.
+
+        An injected "429" is used up and refused with ``forced_429_retry_seconds``; any other
+        outcome is used up only once the windows admit the request.
+        """
+        if outcome == "429":
+            self.consume(source, key)
+            wait = self._config.forced_429_retry_seconds
+            violation = Violation("rpm", self.limits_of(key).rpm or 0, wait)
+            return Refusal([violation], wait, "429", source)
+        refusal = self.admit(key, model, tokens, now)
+        if refusal is None:
+            self.consume(source, key)
+        return refusal
+
     def remaining(self, key: str, model: str, now: float) -> dict[str, tuple[int, int, float]]:
         """Per limited metric: (limit, remaining, seconds until the window is full again).
 
@@ -578,6 +611,44 @@ class EmulatorCore(Generic[ConfigT]):
         if tokens and count_tokens:
             stats.tokens.update(tokens)
             self._tokens.update(tokens)
+
+    @contextlib.contextmanager
+    def recording_errors(
+        self, *, t: float, key: str | None, model: str, method: str
+    ) -> Iterator[None]:
+        """Log an EmulatedError raised inside (bad key, bad request, 429) as the call's entry."""
+        try:
+            yield
+        except EmulatedError as exc:
+            self.record(
+                t=t,
+                key=key,
+                model=model,
+                method=method,
+                status=exc.code,
+                outcome=exc.outcome,
+                retry_delay=exc.retry_delay,
+                source=exc.source,
+            )
+            raise
+
+    async def fail_late(
+        self, error: EmulatedError, *, t: float, key: str, model: str, method: str, source: str
+    ) -> NoReturn:
+        """Answer `error` (a 5xx, an overload) after the latency a real failure takes."""
+        delay = self.latency()
+        await asyncio.sleep(delay)
+        self.record(
+            t=t,
+            key=key,
+            model=model,
+            method=method,
+            status=error.code,
+            outcome=error.outcome,
+            latency=delay,
+            source=source,
+        )
+        raise error
 
     @contextlib.contextmanager
     def tracking(self) -> Iterator[None]:

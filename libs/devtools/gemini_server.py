@@ -52,7 +52,7 @@ from .emulator_core import (
     serve_main,
     start_app,
 )
-from .emulator_quota import QuotaLimits, Violation
+from .emulator_quota import QuotaLimits
 from .gemini_answers import (
     OUTCOMES,
     Usage,
@@ -158,68 +158,24 @@ class Emulator(EmulatorCore[EmulatorConfig]):
     ) -> dict[str, Any]:
         t = time.monotonic()
         cfg = self._config
-        source: str | None = None
-        try:
+        with self.recording_errors(t=t, key=key, model=model, method=method):
             key = self._authenticate(key)
             req = parse_request(body, model)
             outcome, source = self.next_outcome(req.markers, key)
-            if outcome == "429":
-                self.consume(source, key)
-                error = quota_error(
-                    [Violation("rpm", self.limits_of(key).rpm or 0, cfg.forced_429_retry_seconds)],
-                    model,
-                    cfg.forced_429_retry_seconds,
-                    cfg.retry_delay_format,
-                )
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method=method,
-                    status=429,
-                    outcome="429",
-                    retry_delay=cfg.forced_429_retry_seconds,
-                    source=source,
-                )
-                raise error
-            refusal = self.admit(key, model, req.prompt_tokens, t)
+            refusal = self.admit_outcome(
+                key, model, req.prompt_tokens, t, outcome=outcome, source=source
+            )
             if refusal is not None:
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method=method,
-                    status=429,
-                    outcome="quota_exceeded",
-                    retry_delay=refusal.retry_after,
-                )
-                raise quota_error(
+                error = quota_error(
                     refusal.violations, model, refusal.retry_after, cfg.retry_delay_format
                 )
-            self.consume(source, key)
-        except ApiError as exc:
-            if exc.code != 429:
-                self.record(
-                    t=t, key=key, model=model, method=method, status=exc.code, outcome=exc.outcome
-                )
-            raise
+                raise error.refused(refusal)
         with self.tracking():
-            forced = source == "marker" or (source or "").startswith("queue:")
+            forced = source == "marker" or source.startswith("queue:")
             if outcome in ("500", "503", "504"):
-                delay = self.latency()
-                await asyncio.sleep(delay)
-                error = server_error(outcome)
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method=method,
-                    status=error.code,
-                    outcome=outcome,
-                    latency=delay,
-                    source=source,
+                await self.fail_late(
+                    server_error(outcome), t=t, key=key, model=model, method=method, source=source
                 )
-                raise error
             body_out, usage, produced = build_response(
                 req,
                 outcome,
@@ -246,20 +202,10 @@ class Emulator(EmulatorCore[EmulatorConfig]):
         self, key: str | None, model: str, body: Mapping[str, Any]
     ) -> dict[str, Any]:
         t = time.monotonic()
-        try:
+        with self.recording_errors(t=t, key=key, model=model, method="countTokens"):
             key = self._authenticate(key)
             inner = field_of(body, "generateContentRequest")
             req = parse_request(inner if isinstance(inner, dict) else body, model)
-        except ApiError as exc:
-            self.record(
-                t=t,
-                key=key,
-                model=model,
-                method="countTokens",
-                status=exc.code,
-                outcome=exc.outcome,
-            )
-            raise
         usage = Usage(prompt=req.prompt_tokens)
         self.record(
             t=t,
@@ -299,7 +245,7 @@ class Emulator(EmulatorCore[EmulatorConfig]):
 
     def create_batch(self, key: str | None, model: str, body: Mapping[str, Any]) -> dict[str, Any]:
         t = time.monotonic()
-        try:
+        with self.recording_errors(t=t, key=key, model=model, method="batchGenerateContent"):
             key = self._authenticate(key)
             batch = body.get("batch")
             if not isinstance(batch, dict):
@@ -326,16 +272,6 @@ class Emulator(EmulatorCore[EmulatorConfig]):
                     f"Too many concurrent batches: {unfinished} of at most {limit}.",
                     outcome="429",
                 )
-        except ApiError as exc:
-            self.record(
-                t=t,
-                key=key,
-                model=model,
-                method="batchGenerateContent",
-                status=exc.code,
-                outcome=exc.outcome,
-            )
-            raise
         responses: list[dict[str, Any]] = []
         failed = 0
         total = Usage()

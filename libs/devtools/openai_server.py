@@ -62,6 +62,7 @@ from .emulator_core import (
     EmulatedError,
     EmulatorCore,
     ImageDecodeError,
+    Refusal,
     add_common_arguments,
     add_control_routes,
     common_patch,
@@ -73,7 +74,7 @@ from .emulator_core import (
     serve_main,
     text_tokens,
 )
-from .emulator_quota import QuotaLimits, Violation
+from .emulator_quota import QuotaLimits
 from .schema_fake import caption, default_json, generate_for_schema, seed_from, spoil
 
 __all__ = [
@@ -554,12 +555,11 @@ class OpenAIEmulator(EmulatorCore[OpenAIConfig]):
             headers[f"x-ratelimit-reset-{metric}"] = duration(reset)
         return headers
 
-    def _rate_limited(
-        self, key: str, model: str, now: float, violations: list[Violation], wait: float
-    ) -> OpenAIError:
+    def _rate_limited(self, key: str, model: str, now: float, refusal: Refusal) -> OpenAIError:
         headers = self.rate_headers(key, model, now)
+        wait = refusal.retry_after
         headers["retry-after"] = str(max(1, math.ceil(wait)))
-        v = violations[0]
+        v = refusal.violations[0]
         metric = "requests per min (RPM)" if v.metric == "rpm" else "tokens per min (TPM)"
         if v.metric == "rpd":
             metric = "requests per day (RPD)"
@@ -596,70 +596,23 @@ class OpenAIEmulator(EmulatorCore[OpenAIConfig]):
         t = time.monotonic()
         cfg = self._config
         model = str(body.get("model") or "")
-        source: str | None = None
-        try:
+        with self.recording_errors(t=t, key=key, model=model, method="chat.completions"):
             key = self._authenticate(key)
             req = parse_chat(body)
             self._check_model(req.model)
             outcome, source = self.next_outcome(req.markers, key)
-            if outcome == "429":
-                self.consume(source, key)
-                wait = cfg.forced_429_retry_seconds
-                violation = Violation("rpm", self.limits_of(key).rpm or 0, wait)
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method="chat.completions",
-                    status=429,
-                    outcome="429",
-                    retry_delay=wait,
-                    source=source,
-                )
-                raise self._rate_limited(key, model, t, [violation], wait)
             weight = req.prompt_tokens + (req.max_completion_tokens or 0)
-            refusal = self.admit(key, model, weight, t)
+            refusal = self.admit_outcome(key, model, weight, t, outcome=outcome, source=source)
             if refusal is not None:
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method="chat.completions",
-                    status=429,
-                    outcome="quota_exceeded",
-                    retry_delay=refusal.retry_after,
-                )
-                raise self._rate_limited(key, model, t, refusal.violations, refusal.retry_after)
-            self.consume(source, key)
-        except OpenAIError as exc:
-            if exc.code != 429:
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method="chat.completions",
-                    status=exc.code,
-                    outcome=exc.outcome,
-                )
-            raise
+                raise self._rate_limited(key, model, t, refusal).refused(refusal)
         headers = self.rate_headers(key, model, t)
         with self.tracking():
             error = self._outcome_error(outcome)
             if error is not None:
-                delay = self.latency()
-                await asyncio.sleep(delay)
-                self.record(
-                    t=t,
-                    key=key,
-                    model=model,
-                    method="chat.completions",
-                    status=error.code,
-                    outcome=outcome,
-                    latency=delay,
-                    source=source,
-                )
                 error.headers = headers
-                raise error
+                await self.fail_late(
+                    error, t=t, key=key, model=model, method="chat.completions", source=source
+                )
             answer, tokens = build_completion(
                 req,
                 outcome,
@@ -713,15 +666,10 @@ class OpenAIEmulator(EmulatorCore[OpenAIConfig]):
         self, key: str | None, filename: str, purpose: str, data: bytes
     ) -> dict[str, Any]:
         t = time.monotonic()
-        try:
+        with self.recording_errors(t=t, key=key, model="", method="files.create"):
             key = self._authenticate(key)
             if purpose not in ("batch", "vision", "user_data", "assistants", "fine-tune", "evals"):
                 raise bad_request(f"Invalid purpose: {purpose!r}.", param="purpose")
-        except OpenAIError as exc:
-            self.record(
-                t=t, key=key, model="", method="files.create", status=exc.code, outcome=exc.outcome
-            )
-            raise
         file = _File(
             id=f"file-{self.new_id('file')}",
             project=self.project_of(key),
@@ -757,7 +705,7 @@ class OpenAIEmulator(EmulatorCore[OpenAIConfig]):
 
     def create_batch(self, key: str | None, body: Mapping[str, Any]) -> dict[str, Any]:
         t = time.monotonic()
-        try:
+        with self.recording_errors(t=t, key=key, model="", method="batches.create"):
             key = self._authenticate(key)
             file_id = body.get("input_file_id")
             endpoint = body.get("endpoint")
@@ -786,16 +734,6 @@ class OpenAIEmulator(EmulatorCore[OpenAIConfig]):
                     "batch_limit_exceeded",
                     outcome="429",
                 )
-        except OpenAIError as exc:
-            self.record(
-                t=t,
-                key=key,
-                model="",
-                method="batches.create",
-                status=exc.code,
-                outcome=exc.outcome,
-            )
-            raise
         lines, errors, tokens, model = self._answer_file(key, file)
         metadata = body.get("metadata")
         batch = _Batch(
