@@ -25,6 +25,7 @@ log = logging.getLogger("imagestream")
 DEV_SERVERS = {
     "gemini-server": ("gemini_server", "a Gemini API emulator"),
     "openai-server": ("openai_server", "an OpenAI-compatible API emulator"),
+    "anthropic-server": ("anthropic_server", "an Anthropic-compatible API emulator"),
 }
 
 

@@ -130,6 +130,7 @@ class CoreConfig:
     valid_keys: set[str] | None = None
     invalid_keys: set[str] = field(default_factory=set)  # unknown key (400/401)
     revoked_keys: set[str] = field(default_factory=set)  # known but refused (403)
+    models: list[str] | None = None  # the models served (others: 404); None: any name
     # Behaviour.
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     error_rates: dict[str, float] = field(default_factory=dict)  # outcome -> probability
@@ -460,6 +461,9 @@ class EmulatorCore(Generic[ConfigT]):
         if key in cfg.revoked_keys:
             return "revoked"
         return "ok"
+
+    def serves(self, model: str) -> bool:
+        return self._config.models is None or model in self._config.models
 
     def quota_scope(self, key: str, model: str) -> tuple[str, str]:
         return self.project_of(key), model if self._config.quota_per_model else "*"
@@ -866,6 +870,7 @@ def add_common_arguments(
     parser.add_argument(
         "--max-concurrent-batches", type=int, help="unfinished batch jobs per project (429)"
     )
+    parser.add_argument("--models", help="comma-separated model names served (default: any)")
     parser.add_argument("--keys-file", type=Path, help="keys/projects: JSON patch or KEY [PROJECT]")
     parser.add_argument("--config-file", type=Path, help="JSON config (or part of one)")
 
@@ -917,6 +922,8 @@ def common_patch(
     }
     if rates:
         patch = deep_merge(patch, {"error_rates": rates})
+    if args.models:
+        patch["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in (*_COMMON_SCALARS, *scalars):
         value = getattr(args, name)
         if value is not None:

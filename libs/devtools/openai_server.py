@@ -126,7 +126,6 @@ class OpenAIConfig(CoreConfig):
     default_limits: QuotaLimits = field(default_factory=_openai_limits)
     # False: answer like a server that ignores response_format (JSON in prose and a fence).
     honour_response_format: bool = True
-    models: list[str] | None = None  # None: any model name is served
     batch_shuffle_output: bool = True
     max_batch_requests: int = 50_000
 
@@ -538,8 +537,7 @@ class OpenAIEmulator(EmulatorCore[OpenAIConfig]):
         return key
 
     def _check_model(self, model: str) -> None:
-        models = self._config.models
-        if models is not None and model not in models:
+        if not self.serves(model):
             raise OpenAIError(
                 404,
                 f"The model `{model}` does not exist or you do not have access to it.",
@@ -1115,14 +1113,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=None,
         help="answer like a server that ignores response_format (JSON in prose and a fence)",
     )
-    parser.add_argument("--models", help="comma-separated model names served (default: any)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace) -> OpenAIConfig:
     patch = common_patch(args, OUTCOMES, ("honour_response_format",))
-    if args.models:
-        patch["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
     return OpenAIConfig.from_dict(patch)
 
 
