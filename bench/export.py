@@ -3,15 +3,23 @@
     uv run python bench/export.py [--rows 1000000] [--xlsx-rows 200000] [--runs 3]
 
 A scratch database gets a finished batch of ``--rows`` items (every tenth failed, result
-rows with analysis fields and a few formula cells, written straight into the ledger by
-``imagestream.devtools.ledgerfill``) and one of ``--xlsx-rows``. An ``imagestream serve
-api`` process serves them; each export is downloaded over HTTP to nowhere while the api's
-resident memory is sampled every 20 ms. Reported: seconds (median of ``--runs`` for CSV,
-one run for the slower formats), rows/s, file size, the api's peak RSS and its growth over
-its idle RSS. Side by side: PostgreSQL's plain ``COPY (query) TO STDOUT`` of the same rows
-without any formatting, the ceiling for CSV.
+rows with typed analysis fields, lists and lists of objects among them, and a few formula
+cells, written straight into the ledger by ``imagestream.devtools.ledgerfill``) and one of
+``--xlsx-rows``. An ``imagestream serve api`` process serves them while its resident
+memory is sampled every 20 ms:
 
-Goal: 1,000,000 CSV rows in <= 20 s with the api at <= 150 MB RSS.
+* downloads: each format fetched over HTTP to nowhere;
+* export jobs (``POST /api/v1/batches/{id}/exports``): CSV and Parquet written by the api
+  to a local file (``EXPORT_DIR``) and to moto's S3 server on 127.0.0.1 (a multipart
+  upload through ``AWS_ENDPOINT_URL``), timed from the request to the job's completion.
+
+Reported: seconds (median of ``--runs`` for CSV and Parquet downloads, one run for the
+rest), rows/s, file size, the api's peak RSS and its growth over its idle RSS. Side by
+side: PostgreSQL's plain ``COPY (query) TO STDOUT`` of the same rows without any
+formatting, the ceiling for CSV.
+
+Goals: 1,000,000 CSV rows in <= 20 s with the api at <= 150 MB RSS; Parquet in <= 1.5x the
+CSV time of the same destination, at <= 150 MB RSS.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -32,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import REDIS_URL, free_port, machine, median, scratch_database, table
 
 from imagestream.common import db, tokens
-from imagestream.devtools import ledgerfill
+from imagestream.devtools import ledgerfill, s3server
 
 MB = 1024 * 1024
 
@@ -74,6 +84,38 @@ async def download(base: str, token: str, path: str, pid: int) -> tuple[float, i
     return elapsed, size, peak
 
 
+async def export_job(
+    base: str, token: str, batch_id: uuid.UUID, body: dict[str, Any], pid: int
+) -> tuple[float, int, int]:
+    """(seconds from the request to the job's completion, bytes written, peak RSS of the api)."""
+    peak = rss(pid)
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss(pid))
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.ensure_future(sample())
+    started = time.perf_counter()
+    path = f"{base}/api/v1/batches/{batch_id}/exports"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
+        async with http.post(path, json=body) as response:
+            response.raise_for_status()
+            job = await response.json()
+        while job["state"] not in ("completed", "failed"):
+            await asyncio.sleep(0.05)
+            async with http.get(f"{path}/{job['id']}") as response:
+                job = await response.json()
+    elapsed = time.perf_counter() - started
+    done.set()
+    await sampler
+    if job["state"] != "completed":
+        raise RuntimeError(f"export job failed: {job['error']}")
+    return elapsed, job["bytes_written"], peak
+
+
 async def copy_ceiling(pool: asyncpg.Pool, batch_id: uuid.UUID) -> tuple[float, int]:
     """PostgreSQL's own COPY of the same rows, unformatted: the floor under any CSV export."""
     size = 0
@@ -96,7 +138,7 @@ async def copy_ceiling(pool: asyncpg.Pool, batch_id: uuid.UUID) -> tuple[float, 
     return time.perf_counter() - started, size
 
 
-async def main(args: argparse.Namespace, dsn: str) -> None:
+async def main(args: argparse.Namespace, dsn: str, s3: str, folder: str) -> None:
     pool = await db.create_pool(dsn, max_size=4)
     async with pool.acquire() as conn:
         await db.migrate(conn)
@@ -105,6 +147,17 @@ async def main(args: argparse.Namespace, dsn: str) -> None:
     small = await ledgerfill.finished_batch(pool, args.xlsx_rows, name="bench-xlsx")
     await pool.execute("ANALYZE")
     _, secret = await tokens.create(pool, "bench", "viewer")
+    _, admin = await tokens.create(pool, "bench-admin", "admin")
+    import boto3
+
+    credentials = s3server.environment(s3)
+    boto3.client(
+        "s3",
+        endpoint_url=s3,
+        aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+        region_name=credentials["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket="bench")
     port = free_port()
     env = {
         **os.environ,
@@ -115,6 +168,9 @@ async def main(args: argparse.Namespace, dsn: str) -> None:
         "API_PORT": str(port),
         "IMAGESTREAM_ENV_FILE": "/nonexistent",
         "LOG_LEVEL": "WARNING",
+        "EXPORT_DIR": folder,
+        "EXPORT_ALLOWED_BUCKETS": "s3://bench",
+        **s3server.environment(s3),
     }
     api = subprocess.Popen([sys.executable, "-m", "imagestream.cli", "serve", "api"], env=env)
     base = f"http://127.0.0.1:{port}"
@@ -133,9 +189,16 @@ async def main(args: argparse.Namespace, dsn: str) -> None:
         rows = []
         cases = [
             ("csv", big, args.rows, args.runs),
+            ("parquet", big, args.rows, args.runs),
             ("jsonl", big, args.rows, 1),
             ("xlsx", small, args.xlsx_rows, 1),
         ]
+        jobs = [
+            ("csv -> file (job)", {"format": "csv", "destination": "bench.csv"}),
+            ("parquet -> file (job)", {"format": "parquet", "destination": "bench.parquet"}),
+            ("csv -> S3 moto (job)", {"format": "csv", "destination": "s3://bench/b.csv"}),
+            ("parquet -> S3 moto (job)", {"format": "parquet", "destination": "s3://bench/b.parquet"}),
+        ]  # fmt: skip
         for fmt, batch_id, count, runs in cases:
             times, peaks, size = [], [], 0
             for _ in range(runs):
@@ -150,6 +213,13 @@ async def main(args: argparse.Namespace, dsn: str) -> None:
                  f"{size / MB:,.0f}", f"{max(peaks) / MB:.0f}", f"{(max(peaks) - idle) / MB:.0f}",
                  runs]
             )  # fmt: skip
+        for label, body in jobs:
+            print(f"export job: {args.rows:,} rows, {label}...", file=sys.stderr)
+            seconds, size, peak = await export_job(base, admin, big, body, api.pid)
+            rows.append(
+                [label, f"{args.rows:,}", f"{seconds:.1f}", f"{args.rows / seconds:,.0f}",
+                 f"{size / MB:,.0f}", f"{peak / MB:.0f}", f"{(peak - idle) / MB:.0f}", 1]
+            )  # fmt: skip
         ceiling = [await copy_ceiling(pool, big) for _ in range(args.runs)]
         seconds = median([c[0] for c in ceiling])
         rows.append(
@@ -161,6 +231,7 @@ async def main(args: argparse.Namespace, dsn: str) -> None:
         api.wait(20)
         await pool.close()
     csv_row = rows[0]
+    by_label = {r[0]: r for r in rows}
     print(f"\n{machine()}")
     print("Preliminary: the machine is shared with other work while this runs.\n")
     print(
@@ -177,6 +248,18 @@ async def main(args: argparse.Namespace, dsn: str) -> None:
         f" -> {'met' if csv_seconds <= 20 and csv_peak <= 150 else 'NOT met'}"
         + ("" if args.rows == 1_000_000 else f" (measured on {args.rows:,} rows)")
     )
+    for where, csv_label, parquet_label in (
+        ("download", "csv", "parquet"),
+        ("local file", "csv -> file (job)", "parquet -> file (job)"),
+        ("S3 (moto)", "csv -> S3 moto (job)", "parquet -> S3 moto (job)"),
+    ):
+        ratio = float(by_label[parquet_label][2]) / float(by_label[csv_label][2])
+        parquet_peak = float(by_label[parquet_label][5])
+        met = ratio <= 1.5 and parquet_peak <= 150
+        print(
+            f"Parquet vs CSV, {where}: {ratio:.2f}x the CSV time, api peak {parquet_peak:.0f} MB"
+            f" (goal <= 1.5x, <= 150 MB) -> {'met' if met else 'NOT met'}"
+        )
 
 
 if __name__ == "__main__":
@@ -184,5 +267,9 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--xlsx-rows", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
-    with scratch_database() as scratch:
-        asyncio.run(main(parser.parse_args(), scratch))
+    with (
+        scratch_database() as scratch,
+        s3server.running() as s3,
+        tempfile.TemporaryDirectory(prefix="bench-export-") as folder,
+    ):
+        asyncio.run(main(parser.parse_args(), scratch, s3, folder))

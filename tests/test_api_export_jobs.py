@@ -63,7 +63,8 @@ async def finished(api: Api, batch_id: uuid.UUID, job_id: str) -> dict[str, Any]
 
 
 async def test_parquet_parts_under_a_prefix(api: Api, pool: asyncpg.Pool, tmp_path: Path) -> None:
-    batch_id = await ledgerfill.finished_batch(pool, 5000, pipeline=api.res.keys.prefix)
+    # A batch another pipeline (a CLI run) analyzed: this api's workers run the job.
+    batch_id = await ledgerfill.finished_batch(pool, 5000, pipeline="a-cli-run")
     job = await start(
         api, batch_id, {"format": "parquet", "destination": "out/", "part_rows": 2000}
     )
@@ -156,13 +157,14 @@ async def test_a_job_whose_api_died_is_resumed(
     for name, attempts in (("resumed.csv", 1), ("given-up.csv", 3)):
         ids[name] = await pool.fetchval(
             """
-            INSERT INTO export_jobs (batch_id, format, destination, state, attempts, worker,
-                                     heartbeat_at, started_at)
-            VALUES ($1, 'csv', $2, 'running', $3, 'a-process-that-died',
+            INSERT INTO export_jobs (batch_id, pipeline, format, destination, state, attempts,
+                                     worker, heartbeat_at, started_at)
+            VALUES ($1, $2, 'csv', $3, 'running', $4, 'a-process-that-died',
                     now() - interval '1 hour', now() - interval '1 hour')
             RETURNING id
             """,
             batch_id,
+            api.res.keys.prefix,
             f"file://{tmp_path}/{name}",
             attempts,
         )

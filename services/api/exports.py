@@ -123,7 +123,13 @@ class ExportJobs:
         filters = self._filters(body)
         await ledger.batch(self.pool, batch_id)  # 404 for an unknown batch
         row = await jobs.create(
-            self.pool, batch_id, sink.name, location.url, filters=filters, part_rows=part_rows
+            self.pool,
+            batch_id,
+            sink.name,
+            location.url,
+            pipeline=self.worker.pipeline,
+            filters=filters,
+            part_rows=part_rows,
         )
         self.worker.wake.set()
         return json_response(

@@ -60,15 +60,18 @@ async def create(
     fmt: str,
     destination: str,
     *,
+    pipeline: str,
     filters: Mapping[str, Any],
     part_rows: int | None,
 ) -> asyncpg.Record:
+    """A queued job, for the workers of ``pipeline``."""
     row: asyncpg.Record = await conn.fetchrow(
         """
-        INSERT INTO export_jobs (batch_id, format, destination, filters, shard_rows)
-        VALUES ($1, $2, $3, $4, $5) RETURNING *
+        INSERT INTO export_jobs (batch_id, pipeline, format, destination, filters, shard_rows)
+        VALUES ($1, $2, $3, $4, $5, $6) RETURNING *
         """,
         batch_id,
+        pipeline,
         fmt,
         destination,
         dict(filters),
@@ -98,8 +101,8 @@ async def list_for_batch(
 async def claim(
     pool: asyncpg.Pool, worker: str, stale_s: float, pipeline: str
 ) -> asyncpg.Record | None:
-    """The oldest queued job of the pipeline's batches, or one whose worker stopped
-    answering, now this worker's."""
+    """The oldest queued job of the pipeline, or one whose worker stopped answering, now
+    this worker's."""
     stale = datetime.timedelta(seconds=stale_s)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -108,7 +111,7 @@ async def claim(
                    error = 'interrupted ' || attempts || ' times (the api process running'
                            || ' it stopped); not started again'
             WHERE state = 'running' AND heartbeat_at < now() - $1::interval AND attempts >= $2
-              AND batch_id IN (SELECT id FROM batches WHERE pipeline = $3)
+              AND pipeline = $3
             """,
             stale,
             MAX_ATTEMPTS,
@@ -120,11 +123,11 @@ async def claim(
                    heartbeat_at = now(), started_at = now(), rows_written = 0,
                    bytes_written = 0, error = NULL
             WHERE id = (
-                SELECT e.id FROM export_jobs e JOIN batches b ON b.id = e.batch_id
-                WHERE (e.state = 'queued'
-                       OR (e.state = 'running' AND e.heartbeat_at < now() - $2::interval))
-                  AND b.pipeline = $3
-                ORDER BY e.created_at LIMIT 1 FOR UPDATE OF e SKIP LOCKED
+                SELECT id FROM export_jobs
+                WHERE (state = 'queued'
+                       OR (state = 'running' AND heartbeat_at < now() - $2::interval))
+                  AND pipeline = $3
+                ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED
             )
             RETURNING *
             """,

@@ -10,6 +10,9 @@ ALTER TABLE batches ADD COLUMN analysis_schema jsonb;
 CREATE TABLE export_jobs (
     id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     batch_id      uuid NOT NULL REFERENCES batches (id) ON DELETE CASCADE,
+    -- The api processes that may run it: those of the deployment (Redis key prefix)
+    -- whose api accepted it, whichever pipeline analyzed the batch.
+    pipeline      text NOT NULL,
     format        text NOT NULL,
     destination   text NOT NULL,
     filters       jsonb NOT NULL DEFAULT '{}'::jsonb,   -- as the API took them
@@ -29,4 +32,5 @@ CREATE TABLE export_jobs (
     CONSTRAINT export_jobs_state_check CHECK (state IN ('queued', 'running', 'completed', 'failed'))
 );
 CREATE INDEX export_jobs_batch ON export_jobs (batch_id, created_at DESC);
-CREATE INDEX export_jobs_unfinished ON export_jobs (created_at) WHERE state IN ('queued', 'running');
+CREATE INDEX export_jobs_unfinished ON export_jobs (pipeline, created_at)
+    WHERE state IN ('queued', 'running');
