@@ -42,6 +42,8 @@ async def test_list_images_and_results_in_s3(
         f"s3://{s3_bucket}/images/page.jpg": "not_an_image",
         f"s3://{s3_bucket}/images/missing.jpg": "not_found",
         f"s3://{other_bucket}/secret.jpg": "bucket_not_allowed",
+        # Refused before any request: no GCS server runs here, and none is reached.
+        f"gs://{s3_bucket}/images/{SAMPLES[0].name}": "bucket_not_allowed",
     }
     listing = "url,label\n" + "".join(f"{url},x{i}\n" for i, url in enumerate(urls))
     s3.put_object(Bucket=s3_bucket, Key="lists/urls.csv", Body=listing.encode())
@@ -59,7 +61,7 @@ async def test_list_images_and_results_in_s3(
         "--no-progress",
     )
     assert code == 0, err
-    assert "6 images: 3 succeeded, 3 failed" in out, out
+    assert "7 images: 3 succeeded, 4 failed" in out, out
     assert s3server.SECRET_ACCESS_KEY not in out + err
     listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="results/")["Contents"]
     assert len(listed) == 1 and listed[0]["Key"].endswith(".jsonl")
