@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator, Sequence
 import pytest
 
 from imagestream.analyzer.budget import nano
+from imagestream.analyzer.deferred import ShuttingDown
 from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
-from imagestream.analyzer.providers.gemini.batch import ShuttingDown
 from imagestream.analyzer.providers.gemini.provider import GeminiProvider
 from imagestream.analyzer.service import Analyzer, create_providers
 from imagestream.common import control, ledger, messages, pricing, profiles, providers, streams

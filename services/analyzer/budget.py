@@ -1,7 +1,7 @@
 """Per-batch budgets: a call is paid for before it is sent, so a batch never exceeds its budget.
 
-Each Gemini call first reserves its worst-case cost (its input tokens by Google's rules plus
-a tenth, and the whole output-token cap) in the batch's Redis hash ``budget:{batch}``; the
+Each paid call first reserves its worst-case cost (its input tokens by its provider's rules
+plus a tenth, and the whole output-token cap) in the batch's Redis hash ``budget:{batch}``; the
 reservation fails when spent + reserved + this call would pass ``budget_usd``, and then the
 batch is paused with reason ``budget_reached`` before anything more is spent. When the
 answer arrives the reservation is replaced by the real cost. Amounts are integers of
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from imagestream.common.connections import Resources
+
+from .providers.base import Halted, pause_batch
 
 NANO = 1_000_000_000
 _TTL_S = 7 * 86_400
@@ -85,6 +87,15 @@ class Budgets:
         if not ok:
             raise BudgetReached(f"budget of ${budget} reached")
         return Reservation(key, amount)
+
+    async def reserve_or_pause(self, batch_id: str, worst_case_usd: float) -> Reservation | None:
+        """``reserve``, pausing the batch (``budget_reached``) and raising Halted when the
+        call could take it past its budget."""
+        try:
+            return await self.reserve(batch_id, worst_case_usd)
+        except BudgetReached as exc:
+            await pause_batch(self.res, batch_id, "budget_reached")
+            raise Halted("paused", str(exc)) from None
 
     async def settle(self, reservation: Reservation | None, cost_usd: float) -> None:
         """Replace the reservation by what the call really cost (0 when nothing was billed)."""

@@ -47,13 +47,13 @@ class GeminiSpec:
         return GeminiProvider.wanted_concurrency(config)
 
     def create(self, res: Any, config: Any) -> Any:
-        from .batch import GeminiBatchJobs
+        from .batch import batch_jobs
         from .provider import GeminiProvider
 
         if not config.gemini_api_keys:
             return None
         provider = GeminiProvider(res, config)
-        provider.jobs = GeminiBatchJobs(res, provider)
+        provider.jobs = batch_jobs(res, provider)
         return provider
 
     async def doctor(self, env: Mapping[str, str]) -> list[Check]:

@@ -47,11 +47,11 @@ from imagestream.common.runtime import supervise
 from imagestream.common.settings import StreamSettings
 
 from ...answers import InvalidOutput
-from ...budget import BudgetReached, Budgets, Reservation
+from ...budget import Budgets
 from ...calls import CallPolicy, Failure, QuotaCaller, quota_rpm, wanted_concurrency
 from ...keypool import KeySpec, parse_keys
 from ...limiter import Project, QuotaLimits
-from ..base import Analysis, Deferred, Halted, PaidError, pause_batch
+from ..base import Analysis, Deferred, PaidError
 from . import pricing as gemini_pricing
 from . import reply
 from .keys import GeminiKeys, close_clients, make_client
@@ -345,17 +345,9 @@ class GeminiProvider:
             generation=self._generation_config(compiled, model),
         )
 
-    async def reserve(self, config: BatchConfig, worst_usd: float) -> Reservation | None:
-        """Reserve a call's worst case in the batch's budget, or pause the batch (Halted)."""
-        try:
-            return await self.budgets.reserve(config.id, worst_usd)
-        except BudgetReached as exc:
-            await pause_batch(self.res, config.id, "budget_reached")
-            raise Halted("paused", str(exc)) from None
-
     async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
         request = self.request(data, config)
-        reservation = await self.reserve(config, request.worst_usd("standard"))
+        reservation = await self.budgets.reserve_or_pause(config.id, request.worst_usd("standard"))
         usage = Usage()
         try:
             response, project = await self._call(

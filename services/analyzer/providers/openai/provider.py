@@ -45,11 +45,11 @@ from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.messages import ImageFacts, Usage
 
 from ...answers import InvalidOutput, check, decode
-from ...budget import BudgetReached, Budgets
+from ...budget import Budgets
 from ...calls import CallPolicy, Failure, QuotaCaller, wanted_concurrency
 from ...keypool import KeyPool, KeySpec, parse_keys
 from ...limiter import Project, QuotaLimits
-from ..base import Analysis, Deferred, Halted, PaidError, pause_batch
+from ..base import Analysis, Deferred, PaidError
 from . import pricing as openai_pricing
 from .schema import drop_added_nulls, strict_schema
 
@@ -306,11 +306,7 @@ class OpenAIProvider:
             input_tokens=math.ceil(tokens * 1.1) + 16,
             output_tokens=choice.compiled.profile.max_output_tokens,
         )
-        try:
-            reservation = await self.budgets.reserve(config.id, worst)
-        except BudgetReached as exc:
-            await pause_batch(self.res, config.id, "budget_reached")
-            raise Halted("paused", str(exc)) from None
+        reservation = await self.budgets.reserve_or_pause(config.id, worst)
         usage = Usage()
         try:
             completion, project = await self._call(
