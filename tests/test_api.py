@@ -242,7 +242,6 @@ async def test_streamed_upload_is_cut_off_at_the_limit(
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"mode": "batch"}, 400, "bad_request"),
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "gemini", "mode": "cheap"}, 400, "bad_request"),
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "openai", "model": "llava"}, 400, "bad_request"),
-        (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "openai", "mode": "batch"}, 400, "bad_request"),
     ],
 )  # fmt: skip
 async def test_bad_uploads_say_why(

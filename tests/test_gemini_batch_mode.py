@@ -66,10 +66,10 @@ async def send(rig: Rig, items: Sequence[Item]) -> list[Sequence[object]]:
 
 
 async def collect_all(
-    analyzer: Analyzer, res: Resources, expected: int
+    analyzer: Analyzer, res: Resources, expected: int, provider: str = "gemini"
 ) -> list[messages.ItemResult]:
     """Poll until ``expected`` results are in the write stream; record them as the writer does."""
-    jobs = analyzer.deferred["gemini"]
+    jobs = analyzer.deferred[provider]
     assert jobs is not None
 
     async def arrived() -> list[messages.ItemResult] | None:

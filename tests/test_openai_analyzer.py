@@ -4,6 +4,7 @@ budgets, and the analysis cache kept apart per provider."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -13,16 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from imagestream.analyzer.providers.openai import pricing as openai_pricing
 from imagestream.analyzer.service import Analyzer, create_providers, load_settings
 from imagestream.cli import estimate
-from imagestream.common import pricing, providers
+from imagestream.common import control, pricing, providers
 from imagestream.common.connections import Resources
 
 from .openai_server import OpenAIServer, Reply, completion, error, running
 from .test_gemini_analyzer import Item, analyze_items, jpeg, make_items, make_rig, metric
+from .test_gemini_batch_mode import collect_all, jobs_of
 
 ANSWER = {
     "caption": "A red square.", "tags": ["red"], "objects": ["square"], "visible_text": "",
@@ -241,3 +244,45 @@ async def test_doctor_and_estimate_read_the_openai_provider(tmp_path: Path) -> N
     assert (e.model, e.images, report.sampled, report.profile) == (MODEL, 1, 1, "describe")
     assert e.cost_usd > 0 and e.batch_cost_usd == e.cost_usd / 2
     assert report.counted_by == "OpenAI's image token rule"
+
+
+BATCH_MODE = {"OPENAI_BATCH_LINGER_S": "0.2", "OPENAI_BATCH_POLL_S": "0.05"}
+
+
+async def test_batch_mode_sends_one_jsonl_job_at_half_price(res: Resources) -> None:
+    async with openai_rig(res, fits, OPENAI_API_KEYS="sk-a@p-batch", **BATCH_MODE) as rig:
+        items = await rig.batch(3, 19, model=MODEL, mode="batch")
+        batch_id = items[0].task.batch_id
+        assert await asyncio.gather(*(rig.analyzer.handle(i.task) for i in items)) == [[]] * 3
+        (job,) = await jobs_of(res, batch_id)
+        assert job["state"] == "running" and len(job["item_ids"]) == 3  # type: ignore[arg-type]
+        (sent,) = rig.server.jobs.values()
+        lines = [json.loads(x) for x in rig.server.files[sent["input_file_id"]].splitlines()]
+        assert sorted(int(x["custom_id"]) for x in lines) == sorted(i.task.item_id for i in items)
+        assert {x["url"] for x in lines} == {"/v1/chat/completions"} and not rig.server.log
+        assert lines[0]["body"]["response_format"]["json_schema"]["strict"] is True
+        results = await collect_all(rig.analyzer, res, 3, "openai")
+    assert {(r.status, r.model) for r in results} == {("succeeded", MODEL)}
+    price = openai_pricing.PRICES[MODEL]
+    for result in results:
+        assert result.usage is not None
+        standard = pricing.cost_usd(price, input_tokens=500, output_tokens=40)
+        assert result.usage.cost_usd == pytest.approx(standard / 2)
+    (job,) = await jobs_of(res, batch_id)
+    assert (job["state"], job["job_state"]) == ("collected", "completed")
+
+
+async def test_cancelling_a_batch_cancels_its_openai_job(res: Resources) -> None:
+    async with openai_rig(res, fits, OPENAI_API_KEYS="sk-a@p-cancel", **BATCH_MODE) as rig:
+        rig.server.polls_to_finish = 1000
+        items = await rig.batch(2, 20, model=MODEL, mode="batch")
+        batch_id = items[0].task.batch_id
+        await asyncio.gather(*(rig.analyzer.handle(i.task) for i in items))
+        assert await rig.analyzer.deferred["openai"].collect() == 0  # still running
+        await control.cancel(res.redis, res.keys, res.pool, uuid.UUID(batch_id))
+        results = await collect_all(rig.analyzer, res, 2, "openai")
+        (sent,) = rig.server.jobs.values()
+    assert [(r.status, r.error_class) for r in results] == [("cancelled", "cancelled")] * 2
+    assert sent["status"] == "cancelled"
+    (job,) = await jobs_of(res, batch_id)
+    assert (job["state"], job["job_state"]) == ("collected", "cancelled")

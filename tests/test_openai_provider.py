@@ -153,8 +153,10 @@ def test_batch_choices_name_what_is_wrong() -> None:
     config = settings_from(local)
     assert config.choose(None, "llava").price == openai_pricing.FREE
     assert config.choose(None, "gpt-4o").price == openai_pricing.PRICES["gpt-4o"]
-    with pytest.raises(profiles.ProfileError, match=r"mode batch .* needs analyzer gemini"):
-        providers.resolve_batch({"analyzer": "openai", "mode": "batch"}, env=env)
+    batch = providers.resolve_batch({"analyzer": "openai", "mode": "batch"}, env=env)
+    assert batch.options == {"mode": "batch"}
+    with pytest.raises(profiles.ProfileError, match=r"needs analyzer gemini or openai"):
+        providers.resolve_batch({"analyzer": "local", "mode": "batch"}, env=env)
     with pytest.raises(
         profiles.ProfileError, match="analyzer must be one of local, gemini, openai"
     ):

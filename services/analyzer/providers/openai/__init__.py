@@ -17,7 +17,7 @@ class OpenAISpec:
     name = "openai"
     title = "OpenAI-compatible (OpenAI, vLLM, Ollama...)"
     paid = True
-    modes = ("standard",)
+    modes = ("standard", "batch")
     keyed = True
 
     def choose(
@@ -42,9 +42,14 @@ class OpenAISpec:
         return OpenAIProvider.wanted_concurrency(config)
 
     def create(self, res: Any, config: Any) -> Any:
+        from .batch import batch_jobs
         from .provider import OpenAIProvider
 
-        return OpenAIProvider(res, config) if config.openai_api_keys else None
+        if not config.openai_api_keys:
+            return None
+        provider = OpenAIProvider(res, config)
+        provider.jobs = batch_jobs(res, provider)
+        return provider
 
     async def doctor(self, env: Mapping[str, str]) -> list[Check]:
         from .doctor import check_keys

@@ -99,12 +99,26 @@ class OpenAISettings(msgspec.Struct, kw_only=True, frozen=True):
     openai_max_inflight: int = 256
     openai_prices_file: str | None = None
     profiles_dir: str | None = None
+    #: Batch-price mode (the Batch API): most requests in one job, how long a job waits for
+    #: more after its first, how often running jobs are polled (s), and jobs per project.
+    openai_batch_max_requests: int = 1000
+    openai_batch_linger_s: float = 30.0
+    openai_batch_poll_s: float = 30.0
+    openai_batch_max_jobs: int = 100
 
     def __post_init__(self) -> None:
         if min(self.openai_rpm, self.openai_tpm) < 0:
             raise ValueError("OPENAI_RPM and OPENAI_TPM must be >= 0")
         if self.openai_attempts < 1 or self.openai_max_inflight < 1:
             raise ValueError("OPENAI_ATTEMPTS and OPENAI_MAX_INFLIGHT must be >= 1")
+        if (
+            min(self.openai_batch_max_requests, self.openai_batch_max_jobs) < 1
+            or min(self.openai_batch_linger_s, self.openai_batch_poll_s) <= 0
+        ):
+            raise ValueError(
+                "OPENAI_BATCH_MAX_REQUESTS and OPENAI_BATCH_MAX_JOBS must be >= 1,"
+                " OPENAI_BATCH_LINGER_S and OPENAI_BATCH_POLL_S > 0"
+            )
         if self.openai_quota_window_s <= 0 or self.openai_quota_margin_s < 0:
             raise ValueError("OPENAI_QUOTA_WINDOW_S must be > 0, OPENAI_QUOTA_MARGIN_S >= 0")
         self.key_specs()
@@ -241,23 +255,25 @@ class OpenAIProvider:
             return 0
         return wanted_concurrency(settings.key_specs()[1], settings.policy())
 
-    def _choice(self, config: BatchConfig) -> Choice:
+    def choice(self, config: BatchConfig) -> Choice:
+        """The batch's profile, model and price; ItemError when no longer valid."""
         try:
             return self.settings.choose(config.profile, config.model)
         except profiles.ProfileError as exc:
             raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
 
     def columns(self, config: BatchConfig) -> list[str]:
-        return self._choice(config).compiled.columns
+        return self.choice(config).compiled.columns
 
     def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
-        return self._choice(config).compiled.column_schemas
+        return self.choice(config).compiled.column_schemas
 
     def cache_key(self, config: BatchConfig) -> tuple[str, str]:
-        choice = self._choice(config)
+        choice = self.choice(config)
         return choice.compiled.key, choice.model
 
-    def _request(self, choice: Choice, data: bytes) -> dict[str, Any]:
+    def request(self, choice: Choice, data: bytes) -> dict[str, Any]:
+        """The chat-completion request for this image: a call's, and a batch job's line."""
         profile = choice.compiled.profile
         mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
         url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
@@ -298,19 +314,25 @@ class OpenAIProvider:
             + (choice.compiled.schema_tokens)
         )
 
-    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
-        choice = self._choice(config)
-        tokens = self._input_tokens(choice, data)
-        worst = pricing.cost_usd(
+    def worst_usd(self, choice: Choice, data: bytes, mode: pricing.Mode) -> float:
+        """The most a call can cost: its input tokens plus a tenth, the whole output cap."""
+        return pricing.cost_usd(
             choice.price,
-            input_tokens=math.ceil(tokens * 1.1) + 16,
+            input_tokens=math.ceil(self._input_tokens(choice, data) * 1.1) + 16,
             output_tokens=choice.compiled.profile.max_output_tokens,
+            mode=mode,
         )
-        reservation = await self.budgets.reserve_or_pause(config.id, worst)
+
+    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
+        choice = self.choice(config)
+        tokens = self._input_tokens(choice, data)
+        reservation = await self.budgets.reserve_or_pause(
+            config.id, self.worst_usd(choice, data, "standard")
+        )
         usage = Usage()
         try:
             completion, project = await self._call(
-                config, choice.model, self._request(choice, data), tokens
+                config, choice.model, self.request(choice, data), tokens
             )
             usage = usage_of(completion, choice.price)
         finally:
@@ -336,36 +358,10 @@ class OpenAIProvider:
         return await self.caller.call(config, model, tokens, send, self._classify)
 
     def _classify(self, exc: Exception) -> Failure | None:
-        """What an openai SDK exception means for the call (see ``calls``)."""
-        if isinstance(exc, openai.RateLimitError):
-            return Failure(
-                "rate_limited", "rate_limited", "429", delay=retry_hint(exc.response.headers)
-            )
-        if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-            return Failure("key_rejected", "key_rejected", str(exc.status_code))
         if isinstance(exc, openai.APITimeoutError):
             message = f"no answer within {self.settings.openai_timeout_s:g} s"
             return Failure("transient", "timeout", message, overloaded=True)
-        if isinstance(exc, openai.APIConnectionError):
-            return Failure("transient", "connection_error", f"connection failed: {exc}")
-        if isinstance(exc, openai.APIStatusError):
-            if exc.status_code < 500 and exc.status_code != 408:
-                message = f"the server refused the request: {exc.status_code}: {exc.message}"
-                return Failure("fatal", "rejected", message)
-            return Failure(
-                "transient",
-                "server_error",
-                f"{exc.status_code}: {exc.message}",
-                overloaded=exc.status_code in (503, 504),
-            )
-        if isinstance(exc, openai.APIResponseValidationError | ValueError):
-            return Failure(
-                "fatal",
-                "unreadable",
-                f"the server's answer is not a chat completion: {exc}",
-                error_class=ErrorClass.ANALYZER_INVALID_OUTPUT,
-            )
-        return None
+        return classify(exc, "the server refused the request")
 
     async def report(self, stop: asyncio.Event) -> None:
         from imagestream.common.runtime import supervise
@@ -382,7 +378,40 @@ class OpenAIProvider:
             await key.client.close()
 
 
-def usage_of(completion: ChatCompletion, price: pricing.Price) -> Usage:
+def classify(exc: Exception, refused: str) -> Failure | None:
+    """What an openai SDK exception means for a call or a batch job (see ``calls``)."""
+    if isinstance(exc, openai.RateLimitError):
+        return Failure(
+            "rate_limited", "rate_limited", "429", delay=retry_hint(exc.response.headers)
+        )
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return Failure("key_rejected", "key_rejected", str(exc.status_code))
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("transient", "timeout", "no answer in time", overloaded=True)
+    if isinstance(exc, openai.APIConnectionError):
+        return Failure("transient", "connection_error", f"connection failed: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code < 500 and exc.status_code != 408:
+            return Failure("fatal", "rejected", f"{refused}: {exc.status_code}: {exc.message}")
+        return Failure(
+            "transient",
+            "server_error",
+            f"{exc.status_code}: {exc.message}",
+            overloaded=exc.status_code in (503, 504),
+        )
+    if isinstance(exc, openai.APIResponseValidationError | ValueError):
+        return Failure(
+            "fatal",
+            "unreadable",
+            f"the server's answer is not a chat completion: {exc}",
+            error_class=ErrorClass.ANALYZER_INVALID_OUTPUT,
+        )
+    return None
+
+
+def usage_of(
+    completion: ChatCompletion, price: pricing.Price, mode: pricing.Mode = "standard"
+) -> Usage:
     """Tokens from ``usage`` (prompt, completion, reasoning, cached) and what they cost."""
     usage = completion.usage
     if usage is None:
@@ -397,6 +426,7 @@ def usage_of(completion: ChatCompletion, price: pricing.Price) -> Usage:
         input_tokens=usage.prompt_tokens or 0,
         output_tokens=completion_tokens,
         cached_tokens=cached,
+        mode=mode,
     )
     return Usage(
         input_tokens=usage.prompt_tokens or 0,
