@@ -85,6 +85,22 @@ async def test_parquet_parts_under_a_prefix(api: Api, pool: asyncpg.Pool, tmp_pa
     assert [j["id"] for j in listed["exports"]] == [job["id"]]
 
 
+async def test_a_failed_part_takes_the_finished_parts_with_it(
+    api: Api, pool: asyncpg.Pool, tmp_path: Path
+) -> None:
+    batch_id = await ledgerfill.finished_batch(pool, 5000, pipeline=api.res.keys.prefix)
+    # The second part cannot be written: a folder sits where its file is written.
+    obstacle = tmp_path / "out" / "part-00001.parquet.partial"
+    obstacle.mkdir(parents=True)
+    job = await start(
+        api, batch_id, {"format": "parquet", "destination": "out/", "part_rows": 2000}
+    )
+    done = await finished(api, batch_id, job["id"])
+    assert done["state"] == "failed" and done["files"] == [], done
+    assert done["error"] == f"file://{obstacle.parent}/part-00001.parquet: not a file"
+    assert list((tmp_path / "out").iterdir()) == [obstacle]
+
+
 async def test_filtered_csv_to_s3(api: Api, pool: asyncpg.Pool, s3_bucket: str) -> None:
     batch_id = await ledgerfill.finished_batch(pool, 3000, pipeline=api.res.keys.prefix)
     destination = f"s3://{s3_bucket}/exports/failed.csv"

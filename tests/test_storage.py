@@ -94,6 +94,9 @@ async def test_write_then_read_s3(s3_endpoint: str, s3_bucket: str) -> None:
     assert len(sizes) > 1
     read = b"".join([chunk async for chunk in storage.read_chunks(url)])
     assert read == piece * pieces
+    await storage.delete(url)
+    await storage.delete(url)  # gone already: nothing to do
+    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 0
 
 
 async def test_failed_write_leaves_nothing(s3_endpoint: str, s3_bucket: str) -> None:
@@ -105,6 +108,29 @@ async def test_failed_write_leaves_nothing(s3_endpoint: str, s3_bucket: str) -> 
                 raise RuntimeError("the export failed half-way")
     assert s3.list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 0
     assert not s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
+
+
+async def test_a_store_failing_mid_write_is_one_line(
+    s3_endpoint: str, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bucket disappears while parts go out: the next write, not the open, fails."""
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    url = f"s3://{s3_bucket}/x.parquet"
+    with pytest.raises(StorageError) as caught:
+        async with storage.open_write(url) as out:
+            await out.write(b"y" * (9 << 20))  # a first part is under way
+            for upload in s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []):
+                s3.abort_multipart_upload(
+                    Bucket=s3_bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+            s3.delete_bucket(Bucket=s3_bucket)
+            for _ in range(8):
+                await out.write(b"y" * (8 << 20))
+    message = str(caught.value)
+    assert message.startswith(url) and "\n" not in message, message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    ours = [r for r in caplog.records if r.name.startswith("imagestream")]
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in ours)
 
 
 async def test_missing_objects_and_buckets(s3_endpoint: str, s3_bucket: str) -> None:

@@ -19,13 +19,14 @@ failure, not from the client's debug text.
 Writes are all-or-nothing: an object (or file) appears only when the ``open_write`` block
 exits cleanly. S3/GCS: small objects are one PUT on close, larger ones a multipart upload
 that is aborted on error; files: written beside the target as ``.partial``, renamed at the
-end.
+end. A failure while writing is a one-line StorageError, like one at open or close.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -250,19 +251,29 @@ class Writer(Protocol):
 
 
 class _ObjectWriter:
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, location: Location) -> None:
         self._handle = handle
+        self._location = location
 
     async def write(self, data: bytes) -> None:
-        await self._handle.write(data)
+        # A part goes out while writing: its failure (the bucket gone, the endpoint down)
+        # is the user's one line, like a failure at open or close.
+        try:
+            await self._handle.write(data)
+        except Exception as exc:
+            raise _failure(self._location, exc) from None
 
 
 class _FileWriter:
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, location: Location) -> None:
         self._handle = handle
+        self._location = location
 
     async def write(self, data: bytes) -> None:
-        await asyncio.to_thread(self._handle.write, data)
+        try:
+            await asyncio.to_thread(self._handle.write, data)
+        except OSError as exc:  # a full disk, a removed folder
+            raise _failure(self._location, exc) from None
 
 
 @asynccontextmanager
@@ -286,13 +297,29 @@ async def open_write(url: str) -> AsyncIterator[Writer]:
     except Exception as exc:
         raise _failure(location, exc) from None
     try:
-        yield _ObjectWriter(handle)
+        yield _ObjectWriter(handle, location)
     except BaseException as exc:
-        # obstore aborts the multipart upload when the block exits with an error.
-        await handle.__aexit__(type(exc), exc, exc.__traceback__)
+        # obstore aborts the multipart upload when the block exits with an error. The
+        # abort fails too when the store is what failed: the first error is the one to tell.
+        try:
+            await handle.__aexit__(type(exc), exc, exc.__traceback__)
+        except Exception as abort:
+            log.warning("could not abort the upload: %s", _failure(location, abort))
         raise
     try:
         await handle.__aexit__(None, None, None)
+    except Exception as exc:
+        raise _failure(location, exc) from None
+
+
+async def delete(url: str) -> None:
+    """Remove the object or file at ``url``; nothing to do if it is not there."""
+    location = parse(url)
+    try:
+        if location.scheme == "file":
+            await asyncio.to_thread(Path(location.key).unlink, missing_ok=True)
+        else:
+            await obstore.delete_async(_store(location), location.key)
     except Exception as exc:
         raise _failure(location, exc) from None
 
@@ -308,11 +335,12 @@ async def _open_file_write(location: Location) -> AsyncIterator[Writer]:
     except OSError as exc:
         raise _failure(location, exc) from None
     try:
-        yield _FileWriter(handle)
+        yield _FileWriter(handle, location)
         await asyncio.to_thread(handle.close)
         await asyncio.to_thread(partial.replace, path)
     except BaseException:
-        handle.close()
+        with contextlib.suppress(OSError):  # closing flushes, and may fail as the write did
+            handle.close()
         partial.unlink(missing_ok=True)
         raise
 

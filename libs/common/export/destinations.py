@@ -2,13 +2,17 @@
 one file, or part files ``part-00000<suffix>``, ... under a prefix (a URL ending in "/").
 A format that can (a ``PartedSink``: Parquet) starts a new part every ``part_rows`` rows;
 the others write one part.
-Each file appears whole or not at all; when a later part fails, the finished parts stay.
+Each file appears whole or not at all, and so does the export: when a part fails, the
+parts finished before it are removed. An export interrupted (cancelled: its process
+stopping, or its job taken over by another process) leaves its finished parts to the run
+that starts it again, which writes the same names.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +21,7 @@ from .. import storage
 from .sinks import PartedSink, Sink
 from .source import Selection
 
+log = logging.getLogger(__name__)
 #: Rows per Parquet part file under a prefix, unless told otherwise.
 DEFAULT_PART_ROWS = 1_000_000
 
@@ -58,6 +63,7 @@ async def write_to(
         await asyncio.to_thread(Path(location.key).mkdir, parents=True, exist_ok=True)
     part: contextlib.AsyncExitStack | None = None
     writer: storage.Writer | None = None
+    finished = 0  # files of written.files complete in the destination
     pieces = _parts(sink, selection, prefix, part_rows)
     try:
         async with contextlib.aclosing(pieces):
@@ -65,6 +71,7 @@ async def write_to(
                 if writer is None or number == len(written.files):
                     if part is not None:
                         await part.aclose()  # the previous file is complete
+                        finished += 1
                     url = (
                         storage.join(destination, f"part-{number:05d}{sink.suffix}")
                         if prefix
@@ -81,4 +88,16 @@ async def write_to(
     except BaseException as exc:
         if part is not None:  # the file being written is dropped
             await part.__aexit__(type(exc), exc, exc.__traceback__)
+        if isinstance(exc, Exception):
+            await _remove(written.files[:finished])
         raise
+
+
+async def _remove(urls: list[str]) -> None:
+    """Remove the finished files of a failed export (the failure is what the caller
+    reports; a file that cannot be removed is logged)."""
+    for url in urls:
+        try:
+            await storage.delete(url)
+        except storage.StorageError as exc:
+            log.warning("a finished part of a failed export stays: %s", exc)
