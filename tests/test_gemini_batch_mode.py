@@ -349,7 +349,7 @@ async def test_the_budget_counts_batch_prices_and_pauses_before_it_is_passed(
         config = await rig.analyzer.configs.get(batch_id)
         gemini = rig.analyzer.providers["gemini"]
         assert config is not None and isinstance(gemini, GeminiProvider)
-        worst = gemini.request(items[0].data, config).worst_usd("batch")
+        worst = gemini.worst_usd(gemini.choice(config), items[0].data, "batch")
         # Room for one image's worst case at the batch price, not for two.
         await res.pool.execute(
             "UPDATE batches SET budget_usd = $2 WHERE id = $1", uuid.UUID(batch_id), worst * 1.5

@@ -53,7 +53,7 @@ class GeminiSpec:
         if not config.gemini_api_keys:
             return None
         provider = GeminiProvider(res, config)
-        provider.jobs = batch_jobs(res, provider)
+        provider.jobs = batch_jobs(provider)
         return provider
 
     async def doctor(self, env: Mapping[str, str]) -> list[Check]:

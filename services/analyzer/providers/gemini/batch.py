@@ -20,15 +20,13 @@ from google import genai
 from google.genai import errors, types
 from prometheus_client import Counter
 
-from imagestream.common import messages, pricing
-from imagestream.common.connections import Resources
+from imagestream.common import messages
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
 
 from ...calls import Failure
-from ...deferred import BatchJobs, BatchPolicy, Forgotten, Polled, Prepared
-from . import reply
-from .provider import GeminiProvider, analysis_of, count_usage, retry_delay
+from ...deferred import BatchJobs, Forgotten, Polled, Prepared
+from .provider import GeminiProvider, retry_delay
 
 JOBS = Counter(
     "imagestream_gemini_batch_jobs_total",
@@ -63,18 +61,20 @@ class GeminiJobApi:
         self.provider = provider
 
     def prepare(self, task: messages.AnalyzeTask, data: bytes, config: BatchConfig) -> Prepared:
-        request = self.provider.request(data, config)
+        choice = self.provider.choice(config)
+        request = self.provider.request(choice, data)
+        image, prompt = request["contents"]
         line = types.InlinedRequest(
-            contents=[request.content()],
-            config=request.generation,
+            contents=[types.Content(role="user", parts=[image, types.Part(text=prompt)])],
+            config=request["config"],
             metadata={"item": str(task.item_id)},
         )
         return Prepared(
-            model=request.model,
-            profile_key=request.compiled.key,
+            model=choice.model,
+            profile_key=choice.compiled.key,
             line=line,
             size=len(data) * 4 // 3 + _OVERHEAD_BYTES,
-            worst_usd=request.worst_usd("batch"),
+            worst_usd=self.provider.worst_usd(choice, data, "batch"),
         )
 
     async def create(self, client: genai.Client, model: str, lines: list[Any]) -> str:
@@ -125,29 +125,16 @@ class GeminiJobApi:
                 ErrorClass.ANALYZER_ERROR,
                 f"Gemini failed this request of the batch job: {code} {message}",
             )
-        response = answer.response
-        provider = self.provider
-        compiled, _ = provider.catalog.choose(config.profile, model, provider.prices)
-        usage = reply.usage_of(response, pricing.price_of(model, provider.prices), "batch")
-        return analysis_of(response, compiled, model, usage).fields, usage
+        choice = self.provider.choice(config, model)
+        usage = self.provider.usage_of(answer.response, choice.price, "batch")
+        return self.provider.analysis(answer.response, choice, usage), usage
 
     def cache_key(self, config: BatchConfig) -> tuple[str, str]:
         return self.provider.cache_key(config)
 
 
-def batch_jobs(res: Resources, provider: GeminiProvider) -> BatchJobs[genai.Client]:
-    settings = provider.settings
-    policy = BatchPolicy(
-        max_requests=settings.gemini_batch_max_requests,
-        linger_s=settings.gemini_batch_linger_s,
-        poll_s=settings.gemini_batch_poll_s,
-        max_jobs=settings.gemini_batch_max_jobs,
-        attempts=settings.gemini_attempts,
-        backoff_s=settings.gemini_backoff_s,
-    )
-    return BatchJobs(
-        res, GeminiJobApi(provider), provider.pool, policy, events=JOBS, on_billed=count_usage
-    )
+def batch_jobs(provider: GeminiProvider) -> BatchJobs[genai.Client]:
+    return provider.batch_jobs(GeminiJobApi(provider), JOBS)
 
 
 def _answers_by_item(job: types.BatchJob | None) -> dict[int, Any]:

@@ -53,10 +53,10 @@ async def check_key(key: KeySpec, config: DoctorSettings, model: str) -> Check:
 
 async def check_keys(env: Mapping[str, str]) -> list[Check]:
     config = settings.load(DoctorSettings, env)
-    keys, _ = config.key_specs()
+    keys, _ = config.keyed().key_specs()
     if not keys:
         skipped = "no GEMINI_API_KEYS: the local analyzer needs no key"
         return [Check("gemini", "skip", skipped, required=False)]
-    model = config.gemini_model or config.choose(None, None)[1]
+    model = config.gemini_model or config.default_model
     rows = [guarded(f"gemini key {k.short}", partial(check_key, k, config, model)) for k in keys]
     return list(await asyncio.gather(*rows))

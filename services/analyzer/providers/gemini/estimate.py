@@ -23,7 +23,7 @@ from imagestream.common.providers import EstimateRequest, ProviderEstimate
 
 from . import pricing as gemini_pricing
 from .keys import make_client
-from .provider import GeminiProvider, GeminiSettings
+from .provider import GeminiSettings
 
 
 async def _count_online(
@@ -78,7 +78,8 @@ def _mime(data: bytes) -> str:
 
 async def estimate(env: Mapping[str, str], request: EstimateRequest) -> ProviderEstimate:
     config = settings.load(GeminiSettings, env)
-    compiled, model = config.choose(request.profile, request.model)
+    choice = config.choose(request.profile, request.model)
+    compiled, model = choice.compiled, choice.model
     images = request.sample
     if images and config.gemini_api_keys and not request.offline:
         counts = await _count_online(config, compiled, model, images)
@@ -86,14 +87,12 @@ async def estimate(env: Mapping[str, str], request: EstimateRequest) -> Provider
     else:
         counts = [gemini_pricing.input_tokens(compiled, model, *_size(d)) for d in images]
         counted_by = "Google's published token rules"
-    # Without keys: what one project at the default quota would take.
-    rpm = GeminiProvider.quota_rpm(config) if config.gemini_api_keys else config.gemini_rpm
     result = gemini_pricing.estimate_batch(
         config.prices(),
         compiled,
         model,
         images=request.images,
-        requests_per_minute=float(rpm),
+        requests_per_minute=config.keyed().quota_rpm(),
         input_tokens_per_image=statistics.fmean(counts) if counts else None,
     )
     return ProviderEstimate(

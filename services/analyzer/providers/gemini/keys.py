@@ -1,14 +1,9 @@
-"""Gemini's API keys: one google-genai client per key, in the shared key pool (``keypool``)."""
+"""Gemini's client of one API key (the keys are pooled by ``keypool``)."""
 
 from __future__ import annotations
 
 from google import genai
 from google.genai import types
-
-from ...keypool import ApiKey, KeyPool
-
-GeminiKey = ApiKey[genai.Client]
-GeminiKeys = KeyPool[genai.Client]
 
 
 def make_client(
@@ -24,8 +19,3 @@ def make_client(
             retry_options=types.HttpRetryOptions(attempts=1),
         ),
     )
-
-
-async def close_clients(pool: GeminiKeys) -> None:
-    for key in pool.all_keys():
-        await key.client.aio.aclose()

@@ -24,37 +24,24 @@ The SDK's own retries are off: they would ignore the server's retry delay and ou
 
 from __future__ import annotations
 
-import asyncio
-import io
 import logging
-import math
-from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import aiohttp
 from google import genai
 from google.genai import errors, types
-from PIL import Image
 from prometheus_client import Counter, Histogram
 
 from imagestream.common import pricing, profiles
 from imagestream.common.connections import Resources
-from imagestream.common.control import BatchConfig
-from imagestream.common.errors import ErrorClass, ItemError
-from imagestream.common.messages import ImageFacts, Usage
-from imagestream.common.runtime import supervise
+from imagestream.common.messages import Usage
 from imagestream.common.settings import StreamSettings
 
-from ...answers import InvalidOutput
-from ...budget import Budgets
-from ...calls import CallPolicy, Failure, QuotaCaller, quota_rpm, wanted_concurrency
-from ...keypool import KeySpec, parse_keys
-from ...limiter import Project, QuotaLimits
-from ..base import Analysis, Deferred, PaidError
+from ...calls import Failure
+from ..keyed import Choice, KeyedConfig, KeyedProvider, image_mime, image_size
 from . import pricing as gemini_pricing
 from . import reply
-from .keys import GeminiKeys, close_clients, make_client
+from .keys import make_client
 
 log = logging.getLogger(__name__)
 
@@ -148,42 +135,20 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if min(self.gemini_rpm, self.gemini_tpm, self.gemini_rpd) < 0:
-            raise ValueError("GEMINI_RPM, GEMINI_TPM and GEMINI_RPD must be >= 0")
-        if self.gemini_attempts < 1 or self.gemini_max_inflight < 1:
-            raise ValueError("GEMINI_ATTEMPTS and GEMINI_MAX_INFLIGHT must be >= 1")
-        if (
-            min(self.gemini_batch_max_requests, self.gemini_batch_max_jobs) < 1
-            or min(self.gemini_batch_linger_s, self.gemini_batch_poll_s) <= 0
-        ):
-            raise ValueError(
-                "GEMINI_BATCH_MAX_REQUESTS and GEMINI_BATCH_MAX_JOBS must be >= 1,"
-                " GEMINI_BATCH_LINGER_S and GEMINI_BATCH_POLL_S > 0"
-            )
-        if self.gemini_quota_window_s <= 0 or self.gemini_quota_margin_s < 0:
-            raise ValueError("GEMINI_QUOTA_WINDOW_S must be > 0, GEMINI_QUOTA_MARGIN_S >= 0")
-        self.key_specs()
+        self.keyed().check()
         try:
             self.catalog()
             self.prices()
         except (profiles.ProfileError, pricing.PriceError) as exc:
             raise ValueError(str(exc)) from None
 
-    def policy(self) -> CallPolicy:
-        return CallPolicy(
-            window_s=self.gemini_quota_window_s,
-            margin_s=self.gemini_quota_margin_s,
-            burst_s=self.gemini_quota_burst_s,
-            max_inflight=self.gemini_max_inflight,
-            attempts=self.gemini_attempts,
-            backoff_s=self.gemini_backoff_s,
-        )
+    def keyed(self) -> KeyedConfig:
+        return KeyedConfig.of(self, "gemini")
 
-    def default_limits(self) -> QuotaLimits:
-        return QuotaLimits(self.gemini_rpm, self.gemini_tpm, self.gemini_rpd)
-
-    def key_specs(self) -> tuple[list[KeySpec], dict[str, Project]]:
-        return parse_keys(self.gemini_api_keys, self.gemini_project_limits, self.default_limits())
+    @property
+    def default_model(self) -> str:
+        """The model of the default profile."""
+        return self.choose(None, None).model
 
     def catalog(self) -> profiles.Catalog:
         return profiles.cached_catalog(self.profiles_dir)
@@ -191,11 +156,13 @@ class GeminiSettings(StreamSettings, kw_only=True, frozen=True):
     def prices(self) -> dict[str, pricing.Price]:
         return gemini_pricing.cached_prices(self.gemini_prices_file)
 
-    def choose(
-        self, profile: str | None, model: str | None
-    ) -> tuple[profiles.CompiledProfile, str]:
-        """The profile and model of a batch (ProfileError when unknown or unpriced)."""
-        return self.catalog().choose(profile, model, self.prices())
+    def choose(self, profile: str | None, model: str | None) -> Choice:
+        """The profile, model and price of a batch (ProfileError when unknown or unpriced);
+        Gemini takes the profile's schema as it is (``responseJsonSchema``)."""
+        prices = self.prices()
+        compiled, chosen = self.catalog().choose(profile, model, prices)
+        price = pricing.price_of(chosen, prices)
+        return Choice(compiled, chosen, price, compiled.request_schema)
 
 
 def _details(exc: errors.APIError) -> list[Any]:
@@ -223,14 +190,6 @@ def _rejects_key(exc: errors.APIError) -> bool:
     return exc.code == 400 and any(d.get("reason") == "API_KEY_INVALID" for d in _details(exc))
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return img.size
-    except (OSError, ValueError) as exc:
-        raise ItemError(ErrorClass.DECODE_ERROR, f"cannot read the image: {exc}") from None
-
-
 def thinking_budget(model: str, budget: int | None) -> int | None:
     """What to send for the profile's budget: 2.5 Pro cannot go below 128, Gemini 3 has no
     off switch (it keeps its default), models before 2.5 do not think."""
@@ -243,66 +202,26 @@ def thinking_budget(model: str, budget: int | None) -> int | None:
     return max(budget, 128) if model.startswith("gemini-2.5-pro") and budget >= 0 else budget
 
 
-class GeminiProvider:
+class GeminiProvider(KeyedProvider[GeminiSettings, genai.Client, types.GenerateContentResponse]):
     name = "gemini"
-    paid = True
-    #: Set by the spec (the batch module builds on this one).
-    jobs: Deferred | None = None
+    label = "Gemini"
+    requests = REQUESTS
+    cost = COST
+    cooling_reason = "Google answered 429: waiting its retry delay"
 
     def __init__(self, res: Resources, settings: GeminiSettings) -> None:
-        self.res = res
-        self.settings = settings
-        self.catalog = settings.catalog()
-        self.prices = settings.prices()
-        specs, projects = settings.key_specs()
-        self.pool: GeminiKeys = GeminiKeys(
-            res.redis,
-            res.keys,
-            self.name,
-            specs,
-            projects,
-            make_client=partial(
-                make_client,
-                base_url=settings.gemini_base_url,
-                api_version=settings.gemini_api_version,
-                timeout_s=settings.gemini_timeout_s,
-            ),
-            quarantine_s=settings.gemini_quarantine_s,
-        )
-        self.caller = QuotaCaller(
-            res, self.name, "Gemini", self.pool, policy=settings.policy(), requests=REQUESTS
-        )
+        super().__init__(res, settings)
         self.caller.on_answer = lambda project, s: REQUEST_SECONDS.labels(project).observe(s)
-        self.budgets = Budgets(res)
         self._configs: dict[tuple[str, str], types.GenerateContentConfig] = {}
 
-    @staticmethod
-    def wanted_concurrency(settings: GeminiSettings) -> int:
-        """Images an analyzer process holds at once to keep the whole quota busy."""
-        if not settings.gemini_api_keys:
-            return 0
-        return wanted_concurrency(settings.key_specs()[1], settings.policy())
-
-    @staticmethod
-    def quota_rpm(settings: GeminiSettings) -> float:
-        """Requests per minute of all projects together (0: some project is unlimited)."""
-        return quota_rpm(settings.key_specs()[1])
-
-    def _choice(self, config: BatchConfig) -> tuple[profiles.CompiledProfile, str]:
-        try:
-            return self.catalog.choose(config.profile, config.model, self.prices)
-        except profiles.ProfileError as exc:
-            raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
-
-    def columns(self, config: BatchConfig) -> list[str]:
-        return self._choice(config)[0].columns
-
-    def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
-        return self._choice(config)[0].column_schemas
-
-    def cache_key(self, config: BatchConfig) -> tuple[str, str]:
-        compiled, model = self._choice(config)
-        return compiled.key, model
+    def make_client(self, secret: str) -> genai.Client:
+        settings = self.settings
+        return make_client(
+            secret,
+            base_url=settings.gemini_base_url,
+            api_version=settings.gemini_api_version,
+            timeout_s=settings.gemini_timeout_s,
+        )
 
     def _generation_config(
         self, compiled: profiles.CompiledProfile, model: str
@@ -331,52 +250,25 @@ class GeminiProvider:
         self._configs[(compiled.key, model)] = made
         return made
 
-    def request(self, data: bytes, config: BatchConfig) -> Request:
-        """What to send Gemini for this image: the same for a call and a batch job's line."""
-        compiled, model = self._choice(config)
-        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
-        return Request(
-            compiled=compiled,
-            model=model,
-            price=pricing.price_of(model, self.prices),
-            tokens=gemini_pricing.input_tokens(compiled, model, *_image_size(data)),
-            image=types.Part.from_bytes(data=data, mime_type=mime),
-            prompt=compiled.profile.prompt,
-            generation=self._generation_config(compiled, model),
-        )
+    def request(self, choice: Choice, data: bytes) -> dict[str, Any]:
+        """``generate_content``'s arguments: the image, then the question; a batch job's
+        line is made of the same."""
+        image = types.Part.from_bytes(data=data, mime_type=image_mime(data))
+        return {
+            "model": choice.model,
+            "contents": [image, choice.compiled.profile.prompt],
+            "config": self._generation_config(choice.compiled, choice.model),
+        }
 
-    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
-        request = self.request(data, config)
-        reservation = await self.budgets.reserve_or_pause(config.id, request.worst_usd("standard"))
-        usage = Usage()
-        try:
-            response, project = await self._call(
-                config, request.model, request.contents, request.generation, request.tokens
-            )
-            usage = reply.usage_of(response, request.price)
-        finally:
-            await self.budgets.settle(reservation, usage.cost_usd)
-        count_usage(usage, project)
-        return analysis_of(response, request.compiled, request.model, usage)
+    def input_tokens(self, choice: Choice, data: bytes) -> int:
+        return gemini_pricing.input_tokens(choice.compiled, choice.model, *image_size(data))
 
-    async def _call(
-        self,
-        config: BatchConfig,
-        model: str,
-        contents: list[Any],
-        generation: types.GenerateContentConfig,
-        tokens: int,
-    ) -> tuple[types.GenerateContentResponse, str]:
-        """The answer, and the project whose key got it."""
+    async def send(
+        self, client: genai.Client, request: dict[str, Any]
+    ) -> types.GenerateContentResponse:
+        return await client.aio.models.generate_content(**request)
 
-        async def send(client: genai.Client) -> types.GenerateContentResponse:
-            return await client.aio.models.generate_content(
-                model=model, contents=contents, config=generation
-            )
-
-        return await self.caller.call(config, model, tokens, send, self._classify)
-
-    def _classify(self, exc: Exception) -> Failure | None:
+    def classify(self, exc: Exception) -> Failure | None:
         """What a google-genai exception means for the call (see ``calls``)."""
         if isinstance(exc, errors.APIError):
             if exc.code == 429:
@@ -399,68 +291,23 @@ class GeminiProvider:
             return Failure("transient", "connection_error", f"connection failed: {exc}")
         return None
 
-    async def report(self, stop: asyncio.Event) -> None:
-        """Publish every key's state and its project's quota use for the dashboard."""
-        await supervise("gemini-status", self.publish_status, stop, 5.0)
+    def usage_of(
+        self, answer: types.GenerateContentResponse, price: pricing.Price, mode: pricing.Mode
+    ) -> Usage:
+        return reply.usage_of(answer, price, mode)
 
-    async def publish_status(self) -> None:
-        """``{p}:gemini:status``: key short hash -> JSON (the api's system view reads it)."""
-        await self.caller.publish_status(
-            self.settings.choose(None, None)[1], "Google answered 429: waiting its retry delay"
-        )
+    def read(self, answer: types.GenerateContentResponse, choice: Choice) -> dict[str, Any]:
+        fields = reply.read(answer, choice.compiled)
+        if fields.get("blocked"):
+            BLOCKED.inc()
+        return fields
 
-    async def close(self) -> None:
-        await close_clients(self.pool)
+    def count_usage(self, usage: Usage, project: str) -> None:
+        INPUT_TOKENS.labels(project).inc(usage.input_tokens)
+        OUTPUT_TOKENS.labels(project).inc(usage.output_tokens)
+        THOUGHT_TOKENS.labels(project).inc(usage.thought_tokens)
+        CACHED_TOKENS.labels(project).inc(usage.cached_tokens)
+        COST.labels(project).inc(usage.cost_usd)
 
-
-@dataclass(frozen=True, slots=True)
-class Request:
-    compiled: profiles.CompiledProfile
-    model: str
-    price: pricing.Price
-    tokens: int  # input tokens by Google's rules
-    image: types.Part
-    prompt: str
-    generation: types.GenerateContentConfig
-
-    @property
-    def contents(self) -> list[Any]:
-        """What a call sends: the image, then the question."""
-        return [self.image, self.prompt]
-
-    def content(self) -> types.Content:
-        """The same as the one user turn of a Batch API request."""
-        return types.Content(role="user", parts=[self.image, types.Part(text=self.prompt)])
-
-    def worst_usd(self, mode: pricing.Mode) -> float:
-        """The most the call can cost: its input tokens plus a tenth, the whole output cap."""
-        return pricing.cost_usd(
-            self.price,
-            input_tokens=math.ceil(self.tokens * 1.1) + 16,
-            output_tokens=self.compiled.profile.max_output_tokens,
-            mode=mode,
-        )
-
-
-def analysis_of(
-    response: types.GenerateContentResponse,
-    compiled: profiles.CompiledProfile,
-    model: str,
-    usage: Usage,
-) -> Analysis:
-    """The answer read and validated; PaidError (its cost kept) when it is unusable."""
-    try:
-        fields = reply.read(response, compiled)
-    except InvalidOutput as exc:
-        raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
-    if fields.get("blocked"):
-        BLOCKED.inc()
-    return Analysis(fields=fields, usage=usage, model=model)
-
-
-def count_usage(usage: Usage, project: str) -> None:
-    INPUT_TOKENS.labels(project).inc(usage.input_tokens)
-    OUTPUT_TOKENS.labels(project).inc(usage.output_tokens)
-    THOUGHT_TOKENS.labels(project).inc(usage.thought_tokens)
-    CACHED_TOKENS.labels(project).inc(usage.cached_tokens)
-    COST.labels(project).inc(usage.cost_usd)
+    async def close_client(self, client: genai.Client) -> None:
+        await client.aio.aclose()

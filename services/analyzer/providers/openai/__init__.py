@@ -48,7 +48,7 @@ class OpenAISpec:
         if not config.openai_api_keys:
             return None
         provider = OpenAIProvider(res, config)
-        provider.jobs = batch_jobs(res, provider)
+        provider.jobs = batch_jobs(provider)
         return provider
 
     async def doctor(self, env: Mapping[str, str]) -> list[Check]:

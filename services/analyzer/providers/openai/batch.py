@@ -23,15 +23,12 @@ from openai.types.chat import ChatCompletion
 from prometheus_client import Counter
 
 from imagestream.common import messages
-from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
 
-from ...answers import InvalidOutput
 from ...calls import Failure
-from ...deferred import BatchJobs, BatchPolicy, Forgotten, Polled, Prepared
-from ..base import PaidError
-from .provider import COST, OpenAIProvider, classify, read, usage_of
+from ...deferred import BatchJobs, Forgotten, Polled, Prepared
+from .provider import OpenAIProvider, classify
 
 JOBS = Counter(
     "imagestream_openai_batch_jobs_total",
@@ -125,37 +122,19 @@ class OpenAIJobApi:
                 ErrorClass.ANALYZER_ERROR,
                 f"OpenAI failed this request of the batch job: {code} {message or 'no answer'}",
             )
-        choice = self.provider.choice(config)
+        choice = self.provider.choice(config, model)
         try:
             completion = ChatCompletion.model_validate(response["body"])
         except ValueError as exc:
             raise ItemError(
                 ErrorClass.ANALYZER_INVALID_OUTPUT, f"not a chat completion: {exc}"
             ) from None
-        usage = usage_of(completion, choice.price, "batch")
-        try:
-            return read(completion, choice), usage
-        except InvalidOutput as exc:
-            raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
+        usage = self.provider.usage_of(completion, choice.price, "batch")
+        return self.provider.analysis(completion, choice, usage), usage
 
     def cache_key(self, config: BatchConfig) -> tuple[str, str]:
         return self.provider.cache_key(config)
 
 
-def batch_jobs(res: Resources, provider: OpenAIProvider) -> BatchJobs[openai.AsyncOpenAI]:
-    settings = provider.settings
-    policy = BatchPolicy(
-        max_requests=settings.openai_batch_max_requests,
-        linger_s=settings.openai_batch_linger_s,
-        poll_s=settings.openai_batch_poll_s,
-        max_jobs=settings.openai_batch_max_jobs,
-        attempts=settings.openai_attempts,
-        backoff_s=settings.openai_backoff_s,
-    )
-
-    def billed(usage: messages.Usage, project: str) -> None:
-        COST.labels(project).inc(usage.cost_usd)
-
-    return BatchJobs(
-        res, OpenAIJobApi(provider), provider.pool, policy, events=JOBS, on_billed=billed
-    )
+def batch_jobs(provider: OpenAIProvider) -> BatchJobs[openai.AsyncOpenAI]:
+    return provider.batch_jobs(OpenAIJobApi(provider), JOBS)

@@ -40,7 +40,7 @@ async def check_key(key: KeySpec, config: OpenAISettings) -> Check:
 
 async def check_keys(env: Mapping[str, str]) -> list[Check]:
     config = settings_from(env)
-    keys, _ = config.key_specs()
+    keys, _ = config.keyed().key_specs()
     if not keys:
         skipped = "no OPENAI_API_KEYS: the openai analyzer is not configured"
         return [Check("openai", "skip", skipped, required=False)]

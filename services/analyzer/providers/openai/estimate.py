@@ -12,7 +12,6 @@ from PIL import Image
 from imagestream.common import pricing
 from imagestream.common.providers import EstimateRequest, ProviderEstimate
 
-from ...calls import quota_rpm
 from . import pricing as openai_pricing
 from .provider import settings_from
 
@@ -31,7 +30,6 @@ def estimate(env: Mapping[str, str], request: EstimateRequest) -> ProviderEstima
         prompt + openai_pricing.image_tokens(768, 576, config.openai_image_detail)
     ]
     profile = choice.compiled.profile
-    rpm = quota_rpm(config.key_specs()[1]) if config.openai_api_keys else config.openai_rpm
     result = pricing.estimate(
         model=choice.model,
         price=choice.price,
@@ -39,7 +37,7 @@ def estimate(env: Mapping[str, str], request: EstimateRequest) -> ProviderEstima
         input_tokens_per_image=statistics.fmean(counts),
         output_tokens_per_image=profile.expected_output_tokens or profile.max_output_tokens / 2,
         max_output_tokens=profile.max_output_tokens,
-        requests_per_minute=float(rpm),
+        requests_per_minute=config.keyed().quota_rpm(),
     )
     return ProviderEstimate(
         estimate=result,

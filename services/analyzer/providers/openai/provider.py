@@ -19,37 +19,26 @@ that is not a chat completion, or a completion without a choice, fails the item 
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import io
 import logging
-import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from functools import partial
 from typing import Any, Literal
 
 import msgspec
 import openai
 from openai.types.chat import ChatCompletion
-from PIL import Image
 from prometheus_client import Counter
 
 from imagestream.common import pricing, profiles
-from imagestream.common.connections import Resources
-from imagestream.common.control import BatchConfig
-from imagestream.common.errors import ErrorClass, ItemError
-from imagestream.common.messages import ImageFacts, Usage
+from imagestream.common.errors import ErrorClass
+from imagestream.common.messages import Usage
 
 from ...answers import InvalidOutput, check, decode
-from ...budget import Budgets
-from ...calls import CallPolicy, Failure, QuotaCaller, wanted_concurrency
-from ...keypool import KeyPool, KeySpec, parse_keys
-from ...limiter import Project, QuotaLimits
-from ..base import Analysis, Deferred, PaidError
+from ...calls import Failure
+from ..keyed import Choice, KeyedConfig, KeyedProvider, image_mime, image_size
 from . import pricing as openai_pricing
 from .schema import drop_added_nulls, strict_schema
 
@@ -107,45 +96,22 @@ class OpenAISettings(msgspec.Struct, kw_only=True, frozen=True):
     openai_batch_max_jobs: int = 100
 
     def __post_init__(self) -> None:
-        if min(self.openai_rpm, self.openai_tpm) < 0:
-            raise ValueError("OPENAI_RPM and OPENAI_TPM must be >= 0")
-        if self.openai_attempts < 1 or self.openai_max_inflight < 1:
-            raise ValueError("OPENAI_ATTEMPTS and OPENAI_MAX_INFLIGHT must be >= 1")
-        if (
-            min(self.openai_batch_max_requests, self.openai_batch_max_jobs) < 1
-            or min(self.openai_batch_linger_s, self.openai_batch_poll_s) <= 0
-        ):
-            raise ValueError(
-                "OPENAI_BATCH_MAX_REQUESTS and OPENAI_BATCH_MAX_JOBS must be >= 1,"
-                " OPENAI_BATCH_LINGER_S and OPENAI_BATCH_POLL_S > 0"
-            )
-        if self.openai_quota_window_s <= 0 or self.openai_quota_margin_s < 0:
-            raise ValueError("OPENAI_QUOTA_WINDOW_S must be > 0, OPENAI_QUOTA_MARGIN_S >= 0")
-        self.key_specs()
+        self.keyed().check()
         try:
             self.prices()
         except pricing.PriceError as exc:
             raise ValueError(str(exc)) from None
 
-    def policy(self) -> CallPolicy:
-        return CallPolicy(
-            window_s=self.openai_quota_window_s,
-            margin_s=self.openai_quota_margin_s,
-            burst_s=self.openai_quota_burst_s,
-            max_inflight=self.openai_max_inflight,
-            attempts=self.openai_attempts,
-            backoff_s=self.openai_backoff_s,
-        )
+    def keyed(self) -> KeyedConfig:
+        return KeyedConfig.of(self, "openai")
+
+    @property
+    def default_model(self) -> str:
+        return self.openai_model
 
     @property
     def self_hosted(self) -> bool:
         return self.openai_base_url is not None
-
-    def key_specs(self) -> tuple[list[KeySpec], dict[str, Project]]:
-        limits = QuotaLimits(self.openai_rpm, self.openai_tpm, 0)
-        return parse_keys(
-            self.openai_api_keys, self.openai_project_limits, limits, setting="OPENAI"
-        )
 
     def prices(self) -> dict[str, pricing.Price]:
         return openai_pricing.cached_prices(self.openai_prices_file)
@@ -161,15 +127,6 @@ class OpenAISettings(msgspec.Struct, kw_only=True, frozen=True):
         except pricing.PriceError as exc:
             raise profiles.ProfileError(str(exc)) from None
         return Choice(compiled, name, price, strict_schema(compiled.profile.response_schema))
-
-
-@dataclass(frozen=True, slots=True)
-class Choice:
-    compiled: profiles.CompiledProfile
-    model: str
-    price: pricing.Price
-    #: The response schema in strict mode's dialect.
-    schema: dict[str, Any]
 
 
 def settings_from(env: Mapping[str, str]) -> OpenAISettings:
@@ -215,68 +172,22 @@ def duration_s(text: str) -> float | None:
     return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(data)) as img:  # reads the header only
-            return img.size
-    except (OSError, ValueError) as exc:
-        raise ItemError(ErrorClass.DECODE_ERROR, f"cannot read the image: {exc}") from None
-
-
-class OpenAIProvider:
+class OpenAIProvider(KeyedProvider[OpenAISettings, openai.AsyncOpenAI, ChatCompletion]):
     name = "openai"
-    paid = True
-    jobs: Deferred | None = None
+    label = "the server"
+    requests = REQUESTS
+    cost = COST
+    cooling_reason = "the server answered 429: waiting its retry hint"
 
-    def __init__(self, res: Resources, settings: OpenAISettings) -> None:
-        self.res = res
-        self.settings = settings
-        specs, projects = settings.key_specs()
-        self.pool: KeyPool[openai.AsyncOpenAI] = KeyPool(
-            res.redis,
-            res.keys,
-            self.name,
-            specs,
-            projects,
-            make_client=partial(
-                make_client, base_url=settings.openai_base_url, timeout_s=settings.openai_timeout_s
-            ),
-            quarantine_s=settings.openai_quarantine_s,
+    def make_client(self, secret: str) -> openai.AsyncOpenAI:
+        settings = self.settings
+        return make_client(
+            secret, base_url=settings.openai_base_url, timeout_s=settings.openai_timeout_s
         )
-        self.caller = QuotaCaller(
-            res, self.name, "the server", self.pool, policy=settings.policy(), requests=REQUESTS
-        )
-        self.budgets = Budgets(res)
-
-    @staticmethod
-    def wanted_concurrency(settings: OpenAISettings) -> int:
-        """Images an analyzer process holds at once to keep the whole quota busy."""
-        if not settings.openai_api_keys:
-            return 0
-        return wanted_concurrency(settings.key_specs()[1], settings.policy())
-
-    def choice(self, config: BatchConfig) -> Choice:
-        """The batch's profile, model and price; ItemError when no longer valid."""
-        try:
-            return self.settings.choose(config.profile, config.model)
-        except profiles.ProfileError as exc:
-            raise ItemError(ErrorClass.ANALYZER_ERROR, str(exc)) from None
-
-    def columns(self, config: BatchConfig) -> list[str]:
-        return self.choice(config).compiled.columns
-
-    def schema(self, config: BatchConfig) -> dict[str, dict[str, Any]]:
-        return self.choice(config).compiled.column_schemas
-
-    def cache_key(self, config: BatchConfig) -> tuple[str, str]:
-        choice = self.choice(config)
-        return choice.compiled.key, choice.model
 
     def request(self, choice: Choice, data: bytes) -> dict[str, Any]:
-        """The chat-completion request for this image: a call's, and a batch job's line."""
         profile = choice.compiled.profile
-        mime = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
-        url = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        url = f"data:{image_mime(data)};base64,{base64.b64encode(data).decode()}"
         request: dict[str, Any] = {
             "model": choice.model,
             "messages": [
@@ -305,77 +216,32 @@ class OpenAIProvider:
             request["temperature"] = profile.temperature
         return request
 
-    def _input_tokens(self, choice: Choice, data: bytes) -> int:
-        width, height = _image_size(data)
+    def input_tokens(self, choice: Choice, data: bytes) -> int:
+        width, height = image_size(data)
         image = openai_pricing.image_tokens(width, height, self.settings.openai_image_detail)
-        return (
-            image
-            + pricing.text_tokens(choice.compiled.profile.prompt)
-            + (choice.compiled.schema_tokens)
-        )
+        prompt = pricing.text_tokens(choice.compiled.profile.prompt)
+        return image + prompt + choice.compiled.schema_tokens
 
-    def worst_usd(self, choice: Choice, data: bytes, mode: pricing.Mode) -> float:
-        """The most a call can cost: its input tokens plus a tenth, the whole output cap."""
-        return pricing.cost_usd(
-            choice.price,
-            input_tokens=math.ceil(self._input_tokens(choice, data) * 1.1) + 16,
-            output_tokens=choice.compiled.profile.max_output_tokens,
-            mode=mode,
-        )
+    async def send(self, client: openai.AsyncOpenAI, request: dict[str, Any]) -> ChatCompletion:
+        completion = await client.chat.completions.create(**request)
+        if not isinstance(completion, ChatCompletion):  # a body that is not JSON
+            raise ValueError("not JSON")
+        return completion
 
-    async def analyze(self, data: bytes, facts: ImageFacts, config: BatchConfig) -> Analysis:
-        choice = self.choice(config)
-        tokens = self._input_tokens(choice, data)
-        reservation = await self.budgets.reserve_or_pause(
-            config.id, self.worst_usd(choice, data, "standard")
-        )
-        usage = Usage()
-        try:
-            completion, project = await self._call(
-                config, choice.model, self.request(choice, data), tokens
-            )
-            usage = usage_of(completion, choice.price)
-        finally:
-            await self.budgets.settle(reservation, usage.cost_usd)
-        COST.labels(project).inc(usage.cost_usd)
-        try:
-            fields = read(completion, choice)
-        except InvalidOutput as exc:
-            raise PaidError(ErrorClass.ANALYZER_INVALID_OUTPUT, str(exc), usage=usage) from None
-        return Analysis(fields=fields, usage=usage, model=choice.model)
-
-    async def _call(
-        self, config: BatchConfig, model: str, request: dict[str, Any], tokens: int
-    ) -> tuple[ChatCompletion, str]:
-        """The completion, and the project whose key got it."""
-
-        async def send(client: openai.AsyncOpenAI) -> ChatCompletion:
-            completion = await client.chat.completions.create(**request)
-            if not isinstance(completion, ChatCompletion):  # a body that is not JSON
-                raise ValueError("not JSON")
-            return completion
-
-        return await self.caller.call(config, model, tokens, send, self._classify)
-
-    def _classify(self, exc: Exception) -> Failure | None:
+    def classify(self, exc: Exception) -> Failure | None:
         if isinstance(exc, openai.APITimeoutError):
             message = f"no answer within {self.settings.openai_timeout_s:g} s"
             return Failure("transient", "timeout", message, overloaded=True)
         return classify(exc, "the server refused the request")
 
-    async def report(self, stop: asyncio.Event) -> None:
-        from imagestream.common.runtime import supervise
+    def usage_of(self, answer: ChatCompletion, price: pricing.Price, mode: pricing.Mode) -> Usage:
+        return usage_of(answer, price, mode)
 
-        await supervise("openai-status", self.publish_status, stop, 5.0)
+    def read(self, answer: ChatCompletion, choice: Choice) -> dict[str, Any]:
+        return read(answer, choice)
 
-    async def publish_status(self) -> None:
-        await self.caller.publish_status(
-            self.settings.openai_model, "the server answered 429: waiting its retry hint"
-        )
-
-    async def close(self) -> None:
-        for key in self.pool.all_keys():
-            await key.client.close()
+    async def close_client(self, client: openai.AsyncOpenAI) -> None:
+        await client.close()
 
 
 def classify(exc: Exception, refused: str) -> Failure | None:
