@@ -108,11 +108,14 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(", ", ": "))
 
 
-async def ledger_rows(pool: asyncpg.Pool, batch_id: uuid.UUID) -> list[dict[str, Any]]:
-    """The export's rows as the ledger holds them, typed as the schemas say."""
+async def ledger_rows(
+    pool: asyncpg.Pool, batch_id: uuid.UUID, text: frozenset[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """The export's rows as the ledger holds them, typed as the schemas say (the analysis
+    fields in ``text`` as if nothing declared their type)."""
     batch = await ledger.batch(pool, batch_id)
     metadata_columns = batch["metadata_columns"]
-    schema = batch["analysis_schema"] or {}
+    schema = {k: v for k, v in (batch["analysis_schema"] or {}).items() if k not in text}
     rows = await pool.fetch(
         """
         SELECT i.url, i.state, i.error_class, i.error_message, i.metadata, r.width, r.height,
@@ -186,6 +189,40 @@ async def test_columns_are_typed_from_the_schemas(pool: asyncpg.Pool, batch: uui
     assert types["analysis.box"] == pa.struct([("x", pa.int64()), ("y", pa.int64())])
     # Undeclared: text. A JSONL input's extra columns carry no types.
     assert types["analysis.extra"] == types["qty"] == types["labels"] == pa.string()
+
+
+async def test_integers_beyond_their_type_make_their_column_text(
+    pool: asyncpg.Pool, prefix: str, tmp_path: Path
+) -> None:
+    """A model's uint64 (a hash, say) at the top and deep in a struct, and 2**70 put in
+    the ledger by hand: those columns become text, the export does not fail."""
+    big = 2**64 - 1
+    items: Items = [
+        (ITEMS[0][0], {"sku": "A", "qty": big}, {**ITEMS[0][2], "count": big}),  # type: ignore[dict-item]
+        ITEMS[1],
+        (ITEMS[2][0], ITEMS[2][1], {**ITEMS[2][2], "box": {"x": 1, "y": 2**63}}),  # type: ignore[dict-item]
+    ]
+    batch_id = await make_batch(pool, prefix, items, SCHEMA, source_format="jsonl")
+    await pool.execute(
+        "UPDATE results SET analysis = jsonb_set(analysis, '{count}', $2::text::jsonb)"
+        " WHERE batch_id = $1 AND analysis->>'count' = $3",
+        batch_id,
+        str(2**70),
+        str(big),
+    )
+    path = tmp_path / "wide.parquet"
+    path.write_bytes(await parquet_bytes(pool, batch_id))
+    table = pq.read_table(path)
+    types = {name: table.schema.field(name).type for name in table.column_names}
+    assert types["analysis.count"] == types["analysis.box"] == types["qty"] == pa.string()
+    assert types["analysis.score"] == pa.float64()  # the other columns keep their types
+    assert table.column("analysis.count").to_pylist() == [str(2**70), None, "2.5"]
+    expected = await ledger_rows(pool, batch_id, text=frozenset({"count", "box"}))
+    expected[0]["analysis.count"] = str(2**70)  # the oracle's JSON decoder reads a float
+    assert expected[2]["analysis.box"] == '{"x": 1, "y": 9223372036854775808}'
+    assert expected[0]["qty"] == str(big)
+    assert table.to_pylist() == expected
+    assert duckdb_rows(str(path)) == expected
 
 
 async def test_a_text_input_keeps_its_columns_as_text(pool: asyncpg.Pool, prefix: str) -> None:

@@ -19,6 +19,7 @@ ANALYSIS_SCHEMA = {
     "brightness": _NUMBER,
     "sharpness": _NUMBER,
     "is_blurry": {"type": "boolean"},
+    "faces": {"type": "integer"},
     "tags": {"type": "array", "items": {"type": "string"}},
     "category": {"type": "string"},
     "dominant_colors": {
@@ -78,6 +79,7 @@ async def finished_batch(
                        'brightness', round((i.line % 1000) / 1000.0, 3),
                        'sharpness', round((i.line % 5000) / 3.7, 2),
                        'is_blurry', i.line % 7 = 0,
+                       'faces', i.line % 4,
                        'tags', jsonb_build_array('product', CASE WHEN i.line % 3 = 0 THEN 'cat'
                                                                  ELSE 'shoe' END),
                        'category', CASE WHEN i.line % 2 = 0 THEN 'apparel' ELSE 'home' END,

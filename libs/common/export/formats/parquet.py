@@ -2,7 +2,11 @@
 columns' JSON Schemas: integers, floats, booleans, text, timestamps (``format: date-time``,
 as UTC; a time without an offset is read as UTC), lists as Arrow lists and objects as
 structs. A field nobody declared a type for is text: a string as it is, any other value as
-its JSON. Values that do not have their column's declared type are null.
+its JSON. Values that do not have their column's declared type are null. A column whose
+integers do not all fit their Arrow type (int64, or int32 for ``format: int32``: a model
+answering 2**70 where an integer is declared), anywhere in its lists and structs, is text
+like an undeclared one: a query over the batch finds such columns before the first row
+is written, as a Parquet file's columns have one type from the first row to the last.
 
 PostgreSQL writes each row as one JSON object (``COPY``, compact ``row_to_json``), and
 Arrow's JSON reader turns blocks of them into typed columns in C++, in a worker thread
@@ -15,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
+import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..columns import Column, Schema
+from ..columns import Column, Schema, sql_literal
 from ..source import RowCounter, Selection
 
 if TYPE_CHECKING:
@@ -30,6 +36,8 @@ ROW_GROUP_ROWS = 65_536
 #: Bytes of JSON rows parsed at a time (about 8,000 rows of a typical export).
 BLOCK_BYTES = 4 << 20
 MEDIA_TYPE = "application/vnd.apache.parquet"
+
+log = logging.getLogger(__name__)
 # A date-time as Arrow parses it (RFC 3339, or without an offset, or with a space).
 _DATE_TIME = r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d{2})?)?$"
 
@@ -57,6 +65,64 @@ def _declared(schema: Schema | None) -> str | None:
     return kind if kind in _JSON_TYPES else None
 
 
+def _integer_bits(schema: Schema) -> int:
+    """The width of the Arrow integer an integer schema's values become."""
+    return 32 if schema.get("format") == "int32" else 64
+
+
+def _integer_paths(schema: Schema | None, path: str = "$") -> list[tuple[str, int]]:
+    """(SQL/JSON path, bits) of each place a column's values hold a declared integer."""
+    kind = _declared(schema)
+    if schema is None or kind not in ("integer", "array", "object"):
+        return []
+    if kind == "integer":
+        return [(path, _integer_bits(schema))]
+    if kind == "array":
+        return _integer_paths(schema["items"], path + "[*]")
+    escape = str.maketrans({"\\": "\\\\", '"': '\\"'})
+    return [
+        found
+        for name, member in schema["properties"].items()
+        for found in _integer_paths(member, f'{path}."{name.translate(escape)}"')
+    ]
+
+
+#: Where the rows of each document of a batch are, for ``_fitting_columns``.
+_DOCUMENT_ROWS = {"analysis": "results r WHERE r.batch_id = $1",
+                  "metadata": "items i WHERE i.batch_id = $1"}  # fmt: skip
+
+
+async def _fitting_columns(selection: Selection) -> tuple[Column, ...]:
+    """The export's columns, those holding an integer beyond their Arrow type made text.
+    The whole batch decides, whatever the filters: one table (results, or items) read
+    instead of the export's join, and every export of a batch has the same types."""
+    columns = selection.layout.columns
+    checks: dict[str, list[tuple[int, str]]] = {}
+    for at, column in enumerate(columns):
+        if column.field is None:
+            continue
+        outside = [
+            f"jsonb_path_exists({column.sql},"
+            f" {sql_literal(f'{path} ? (@ < {-(2 ** (bits - 1))} || @ > {2 ** (bits - 1) - 1})')})"
+            for path, bits in _integer_paths(column.schema)
+        ]
+        if outside:
+            checks.setdefault(column.field[0], []).append((at, " OR ".join(outside)))
+    wide: set[int] = set()
+    for document, tests in checks.items():
+        aggregates = ", ".join(f"coalesce(bool_or({test}), false)" for _, test in tests)
+        found = await selection.pool.fetchrow(
+            f"SELECT {aggregates} FROM {_DOCUMENT_ROWS[document]}", selection.batch_id
+        )
+        wide.update(at for (at, _), hit in zip(tests, found, strict=True) if hit)
+    for at in sorted(wide):
+        log.info("parquet column %s has integers its type cannot hold: text", columns[at].name)
+    return tuple(
+        dataclasses.replace(column, schema=None) if at in wide else column
+        for at, column in enumerate(columns)
+    )
+
+
 def arrow_type(schema: Schema | None) -> pa.DataType:
     """The Arrow type of a column's values; text when the schema declares none."""
     import pyarrow as pa
@@ -67,7 +133,7 @@ def arrow_type(schema: Schema | None) -> pa.DataType:
     if kind == "string" and schema.get("format") == "date-time":
         return pa.timestamp("us", tz="UTC")
     if kind == "integer":
-        return pa.int32() if schema.get("format") == "int32" else pa.int64()
+        return pa.int32() if _integer_bits(schema) == 32 else pa.int64()
     if kind == "number":
         return pa.float64()
     if kind == "boolean":
@@ -231,9 +297,9 @@ class _Encoder:
         return out
 
 
-async def _blocks(selection: Selection) -> AsyncGenerator[bytes]:
+async def _blocks(selection: Selection, columns: Sequence[Column]) -> AsyncGenerator[bytes]:
     """The rows as JSON lines, in blocks of about BLOCK_BYTES ending at a line's end."""
-    cells, laterals = _cells(selection.layout.columns)
+    cells, laterals = _cells(columns)
     sql, params = selection.query([f"row_to_json(ROW({', '.join(cells)}))"], laterals)
     # CSV with a quote and a delimiter JSON text never holds (it escapes control
     # characters), so each line is the JSON object verbatim.
@@ -255,10 +321,11 @@ async def shards(
 ) -> AsyncGenerator[tuple[int, bytes]]:
     """(file number, piece) of the export as Parquet files of ``shard_rows`` rows each
     (one file if None); a file's pieces come in order, and file n+1 after file n."""
-    encoder = _Encoder(selection.layout.columns, shard_rows, selection.counter)
+    columns = await _fitting_columns(selection)
+    encoder = _Encoder(columns, shard_rows, selection.counter)
     running: asyncio.Future[list[tuple[int, bytes]]] | None = None
     try:
-        async with contextlib.aclosing(_blocks(selection)) as blocks:
+        async with contextlib.aclosing(_blocks(selection, columns)) as blocks:
             async for block in blocks:
                 # Parse this block while the next one is read.
                 done = await running if running is not None else []
