@@ -229,13 +229,13 @@ def _laplacian_variance(luma: npt.NDArray[np.int16]) -> float:
 def _exact_sums(values: npt.NDArray[np.int16]) -> tuple[int, int]:
     """Sum and sum of squares of small integers, as exact Python ints.
 
-    Summed as float64 so the dot product runs in BLAS (numpy's integer dot would overflow
-    int16 and is slow): every product and partial sum is an integer below 2**53 (at most
-    512 x 512 values of magnitude <= 1020), so each operation is exact and the result does
-    not depend on the order BLAS or numpy's SIMD loops add in.
+    In integers, so the result does not depend on summation order: each square fits int32
+    (|value| <= 1020) and the sums an int64 accumulator. Not a float64 dot product: that
+    runs in OpenBLAS, whose worker threads spin for every call and made this 15x dearer in
+    CPU (2.7 ms instead of 0.2 ms per image on the 2-core benchmark machine; bench/RESULTS.md).
     """
-    flat = values.astype(np.float64).ravel()
-    return int(flat.sum()), int(flat @ flat)
+    flat = values.astype(np.int32).ravel()
+    return int(flat.sum(dtype=np.int64)), int(np.square(flat).sum(dtype=np.int64))
 
 
 def _phash(gray: Image.Image) -> str:
