@@ -10,11 +10,17 @@ import platform
 import secrets
 import socket
 import statistics
+import time
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+
+from imagestream.common.keys import Keys
+from imagestream.devtools.processes import Service
 
 CACHE = Path(__file__).parent / ".cache"
 ADMIN_DSN = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -47,6 +53,30 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+async def wait_alive(redis: Any, keys: Keys, stages: list[str], timeout_s: float = 120) -> None:
+    """Wait until a heartbeat of every stage in ``stages`` is in Redis (one entry per
+    process: ``["fetcher", "fetcher"]`` waits for two fetchers): the services have started
+    and connected, so start-up is outside what is measured next."""
+    wanted = Counter(stages)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [k.decode() async for k in redis.scan_iter(match=keys.alive_pattern())]
+        alive = Counter(name.split(":")[-2] for name in names)
+        if all(alive[stage] >= n for stage, n in wanted.items()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"services not alive after {timeout_s} s: {dict(alive)}")
+        await asyncio.sleep(0.2)
+
+
+def cpu_by_stage(services: list[Service]) -> dict[str, float]:
+    """CPU seconds used so far by the services, summed by stage."""
+    used: dict[str, float] = defaultdict(float)
+    for service in services:
+        used[service.stage] += service.cpu_seconds()
+    return dict(used)
 
 
 def median(values: list[float]) -> float:

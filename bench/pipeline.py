@@ -13,6 +13,10 @@ on 127.0.0.1 by a separate process. Measured, each ``--runs`` times (medians rep
   analyzer, writer, all in one process) on the same URLs;
 * pipeline, one process per stage: ``imagestream serve`` ingest/fetcher/analyzer/writer as
   four processes against Redis and PostgreSQL on this machine.
+
+Besides seconds, each mode's CPU time per image is printed (the bare loop: this process;
+``analyze``: the child process, its start-up included; per stage: each service process with
+its decode workers, from submission to completion), and the CPU per image of each stage.
 """
 
 from __future__ import annotations
@@ -21,18 +25,30 @@ import argparse
 import asyncio
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REDIS_URL, corpus_dir, machine, median, scratch_database, serve_directory, table
+from _common import (
+    REDIS_URL,
+    corpus_dir,
+    cpu_by_stage,
+    machine,
+    median,
+    scratch_database,
+    serve_directory,
+    table,
+    wait_alive,
+)
 
 from imagestream.common import db, ledger, messages, streams
 from imagestream.common.connections import redis_client
@@ -63,8 +79,18 @@ def urls(bases: str, folder: Path) -> list[str]:
     return [f"{servers[i % len(servers)]}/{name}" for i, name in enumerate(names)]
 
 
-async def bare_loop(targets: list[str], concurrency: int = 64) -> float:
-    """Seconds to fetch and prepare every URL without the pipeline."""
+STAGES = ("ingest", "fetcher", "analyzer", "writer")
+
+
+@dataclass
+class Run:
+    seconds: float
+    #: CPU seconds, in all (key "all") and by stage for the per-stage processes.
+    cpu: dict[str, float]
+
+
+async def bare_loop(targets: list[str], concurrency: int = 64) -> Run:
+    """Fetch and prepare every URL without the pipeline."""
     pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(concurrency)
@@ -76,21 +102,22 @@ async def bare_loop(targets: list[str], concurrency: int = 64) -> float:
                 body = await response.read()
             await loop.run_in_executor(pool, partial(image.prepare, body, target_long_side=768))
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(one(session, u) for u in targets))
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     pool.shutdown()
-    return elapsed
+    return Run(elapsed, {"all": cpu})
 
 
 def env_for(database_url: str, prefix: str) -> dict[str, str]:
     return service_env(REDIS_URL, database_url, prefix, METRICS_PORT="-1", LOG_LEVEL="WARNING")
 
 
-def run_analyze(listing: Path, database_url: str) -> float:
-    """Seconds the in-process pipeline took (from its own summary line)."""
+def run_analyze(listing: Path, database_url: str) -> Run:
+    """The in-process pipeline (seconds from its own summary line)."""
     out = listing.with_suffix(".results.csv")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [
             sys.executable,
@@ -107,29 +134,32 @@ def run_analyze(listing: Path, database_url: str) -> float:
         text=True,
         check=True,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     match = re.search(r"(\d+) succeeded.* in ([\d.]+) s", done.stdout)
     assert match, done.stdout + done.stderr
-    return float(match.group(2))
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return Run(float(match.group(2)), {"all": cpu})
 
 
-async def run_processes(listing: Path, database_url: str, count: int) -> float:
-    """Seconds from submission to completion with one process per stage."""
+async def run_processes(listing: Path, database_url: str, count: int) -> Run:
+    """From submission to completion with one process per stage."""
     prefix = f"bench{uuid.uuid4().hex[:6]}"
     redis = redis_client(REDIS_URL)
     fleet = Fleet(env_for(database_url, prefix), corpus_dir("logs"))
-    for stage in ("ingest", "fetcher", "analyzer", "writer"):
+    for stage in STAGES:
         fleet.start(stage)
     try:
         pool = await db.create_pool(database_url, max_size=2)
         async with pool.acquire() as conn:
             await db.migrate(conn)
-        await asyncio.sleep(3)  # let every stage connect before the clock starts
+        # Every stage connected before the clock starts.
+        await wait_alive(redis, Keys(prefix), list(STAGES))
         batch_id = await ledger.create_batch(
             pool, ledger.NewBatch(name="bench", pipeline=prefix, source_name=listing.name)
         )
         async with pool.acquire() as conn:
             await ledger.store_upload_part(conn, batch_id, 0, listing.read_bytes())
-        started = time.perf_counter()
+        started, cpu_before = time.perf_counter(), cpu_by_stage(fleet.services)
         await streams.append(
             redis,
             Keys(prefix).batches,
@@ -145,9 +175,10 @@ async def run_processes(listing: Path, database_url: str, count: int) -> float:
                 break
             await asyncio.sleep(0.1)
         elapsed = time.perf_counter() - started
+        cpu = {k: v - cpu_before[k] for k, v in cpu_by_stage(fleet.services).items()}
         assert row["done"] == count, row
         await pool.close()
-        return elapsed
+        return Run(elapsed, {"all": sum(cpu.values()), **cpu})
     finally:
         fleet.stop_all()
         async for key in redis.scan_iter(match=f"{prefix}:*"):
@@ -162,8 +193,7 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=1, help="image server processes")
     args = parser.parse_args()
     folder = build_corpus(args.images)
-    megapixels = []
-    results: dict[str, list[float]] = {"bare": [], "analyze": [], "processes": []}
+    results: dict[str, list[Run]] = {"bare": [], "analyze": [], "processes": []}
     with serve_directory(folder, args.servers) as bases, scratch_database() as database_url:
         targets = urls(bases, folder)
         listing = corpus_dir("lists") / f"pipeline-{args.images}.txt"
@@ -175,30 +205,42 @@ def main() -> None:
                 asyncio.run(run_processes(listing, database_url, args.images))
             )
             print(
-                f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in results.items()),
+                f"run {run + 1}: "
+                + ", ".join(f"{k} {v[-1].seconds:.1f}s" for k, v in results.items())
+                + f" (load average {os.getloadavg()[0]:.1f})",
                 file=sys.stderr,
             )
-    del megapixels
-    bare = args.images / median(results["bare"])
-    rows = [
-        [
-            "bare fetch + decode loop (no pipeline)",
-            f"{median(results['bare']):.1f}",
-            f"{bare:.0f}",
-            "1.00",
+    per_image_ms = 1000 / args.images
+
+    def row(key: str, label: str) -> list[object]:
+        runs = results[key]
+        seconds = median([r.seconds for r in runs])
+        # Each run's ratio to the bare loop of the same round, then their median.
+        ratio = median([b.seconds / r.seconds for b, r in zip(results["bare"], runs, strict=True)])
+        cpu = median([r.cpu["all"] for r in runs]) * per_image_ms
+        return [
+            label,
+            f"{seconds:.1f}",
+            f"{args.images / seconds:.0f}",
+            f"{ratio:.2f}",
+            f"{cpu:.1f}",
         ]
+
+    rows = [
+        row("bare", "bare fetch + decode loop (no pipeline)"),
+        row("analyze", "pipeline, one process (imagestream analyze)"),
+        row("processes", "pipeline, one process per stage"),
     ]
-    for key, label in (
-        ("analyze", "pipeline, one process (imagestream analyze)"),
-        ("processes", "pipeline, one process per stage"),
-    ):
-        rate = args.images / median(results[key])
-        rows.append([label, f"{median(results[key]):.1f}", f"{rate:.0f}", f"{rate / bare:.2f}"])
+    stage_rows = [
+        [stage, f"{median([r.cpu[stage] for r in results['processes']]) * per_image_ms:.2f}"]
+        for stage in STAGES
+    ]
     print(f"\nmachine: {machine()}")
     print(
         f"corpus: {args.images} JPEGs, 640x480..1920x1080, served from 127.0.0.1; medians of {args.runs} runs\n"
     )
-    print(table(["mode", "seconds", "images/s", "ratio to bare loop"], rows))
+    print(table(["mode", "seconds", "images/s", "ratio to bare loop", "CPU ms/image"], rows) + "\n")
+    print(table(["stage (one process each)", "CPU ms/image"], stage_rows))
 
 
 if __name__ == "__main__":

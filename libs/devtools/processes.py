@@ -60,6 +60,31 @@ class Service:
             self.process.kill()
             self.process.wait()
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the service and its live child
+        processes (the fetcher's decode pool)."""
+        return process_tree_cpu_seconds(self.process.pid)
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its descendants, read from /proc (Linux);
+    0 for processes that are gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            # Fields after the command name (which may hold spaces): utime and stime are
+            # the 12th and 13th of them.
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / ticks
+
 
 @dataclass
 class Fleet:
