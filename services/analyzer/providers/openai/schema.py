@@ -17,22 +17,13 @@ from typing import Any
 
 from imagestream.common.profiles import ProfileError
 
+from ...schemas import as_nullable
+
 #: OpenAI's documented limits of a strict schema.
 MAX_DEPTH = 10
 MAX_PROPERTIES = 5000
 MAX_ENUM_VALUES = 1000
 _DROPPED = frozenset({"minLength", "maxLength", "title", "propertyOrdering", "nullable"})
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    kind = schema.get("type")
-    if "enum" in schema:
-        return {**schema, "enum": [*schema["enum"], None]} | (
-            {"type": [kind, "null"]} if isinstance(kind, str) else {}
-        )
-    if isinstance(kind, list):
-        return schema if "null" in kind else {**schema, "type": [*kind, "null"]}
-    return {**schema, "type": [kind, "null"]}
 
 
 def _translate(schema: dict[str, Any], depth: int, counts: dict[str, int]) -> dict[str, Any]:
@@ -42,7 +33,7 @@ def _translate(schema: dict[str, Any], depth: int, counts: dict[str, int]) -> di
     if len(schema.get("enum", ())) > MAX_ENUM_VALUES:
         raise ProfileError(f"the openai analyzer takes at most {MAX_ENUM_VALUES} enum values")
     if schema.get("nullable"):
-        out = _nullable(out)
+        out = as_nullable(out)
     if "items" in schema:
         out["items"] = _translate(schema["items"], depth + 1, counts)
     if "properties" in schema:
@@ -53,7 +44,7 @@ def _translate(schema: dict[str, Any], depth: int, counts: dict[str, int]) -> di
         props = {}
         for name, sub in schema["properties"].items():
             translated = _translate(sub, depth + 1, counts)
-            props[name] = translated if name in required else _nullable(translated)
+            props[name] = translated if name in required else as_nullable(translated)
         out["properties"] = props
         out["required"] = list(props)
         out["additionalProperties"] = False
