@@ -10,22 +10,19 @@ import contextlib
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from imagestream.analyzer.providers.openai import pricing as openai_pricing
-from imagestream.analyzer.providers.openai.provider import OpenAIProvider
-from imagestream.analyzer.service import Analyzer, create_providers, load_settings
 from imagestream.cli import estimate
-from imagestream.common import control, messages, pricing, profiles, providers
+from imagestream.common import control, pricing, profiles, providers
 from imagestream.common.connections import Resources
-from imagestream.devtools.openai_server import OpenAIConfig, OpenAIEmulator, running_openai_emulator
+from imagestream.devtools.openai_server import OpenAIConfig, running_openai_emulator
 
-from .test_gemini_analyzer import Item, analyze_items, jpeg, make_items, make_rig, metric
+from .keyed_rig import KeyedRig, keyed_rig
+from .test_gemini_analyzer import jpeg, make_items, make_rig, metric
 from .test_gemini_batch_mode import collect_all, jobs_of
 
 MODEL = "gpt-4.1-mini"
@@ -44,55 +41,24 @@ def emulator_config(**changes: Any) -> OpenAIConfig:
     return config
 
 
-@dataclass
-class OpenAIRig:
-    emulator: OpenAIEmulator
-    env: dict[str, str]
-    res: Resources
-    analyzer: Analyzer
-    salt: int = field(default_factory=lambda: int(uuid.uuid4()) % 2**32)
-
-    async def batch(self, count: int, **fields: object) -> list[Item]:
-        images = [jpeg(i, self.salt) for i in range(count)]
-        return await make_items(self.res, images, {"analyzer": "openai", **fields}, self.env)
-
-    async def run(self, items: list[Item]) -> list[messages.ItemResult]:
-        return await analyze_items(self.analyzer, items)
-
-    async def one_by_one(self, items: list[Item]) -> list[messages.ItemResult]:
-        return [r for item in items for r in await self.run([item])]
-
-    def calls(self) -> list[dict[str, Any]]:
-        return [e for e in self.emulator.request_log() if e["method"] == "chat.completions"]
-
-    @property
-    def provider(self) -> OpenAIProvider:
-        found = self.analyzer.providers["openai"]
-        assert isinstance(found, OpenAIProvider)
-        return found
-
-
-@contextlib.asynccontextmanager
-async def openai_rig(
+def openai_rig(
     res: Resources, config: OpenAIConfig | None = None, **env: str
-) -> AsyncIterator[OpenAIRig]:
-    async with running_openai_emulator(config or emulator_config()) as (emulator, url):
-        values = {
-            "REDIS_PREFIX": res.keys.prefix,
+) -> contextlib.AbstractAsyncContextManager[KeyedRig]:
+    return keyed_rig(
+        res,
+        "openai",
+        "chat.completions",
+        running_openai_emulator,
+        config or emulator_config(),
+        lambda url: {
             "OPENAI_API_KEYS": "sk-a@proj-a,sk-b@proj-b",
             "OPENAI_BASE_URL": f"{url}/v1",
             "OPENAI_RPM": "0",
             "OPENAI_TPM": "0",
             "OPENAI_BACKOFF_S": "0.05",
             **env,
-        }
-        config_ = load_settings(values)
-        made = create_providers(res, config_)
-        try:
-            yield OpenAIRig(emulator, values, res, Analyzer(res, config_, made))
-        finally:
-            for provider in made.values():
-                await provider.close()
+        },
+    )
 
 
 async def test_structured_output_in_strict_mode_through_the_sdk(

@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import statistics
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from functools import partial
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from PIL import Image
 from prometheus_client import Counter
@@ -30,6 +33,7 @@ from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.messages import ImageFacts, Usage
+from imagestream.common.providers import Check, EstimateRequest, ProviderEstimate, guarded
 
 from ..answers import InvalidOutput
 from ..budget import Budgets
@@ -161,6 +165,60 @@ class KeyedSettings(Protocol):
 
 
 Settings = TypeVar("Settings", bound=KeyedSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpErrors:
+    """The exception classes of an SDK that Stainless generates (openai, anthropic): one
+    hierarchy under the same names, so one verdict (see ``calls``) serves them all."""
+
+    #: ``APIStatusError`` (``status_code``, ``message``, ``response``).
+    status: type[Exception]
+    #: ``APITimeoutError`` (also a connection error: checked first).
+    timeout: type[Exception]
+    connection: type[Exception]
+    #: ``APIResponseValidationError``: a body that is not the answer's type.
+    validation: type[Exception]
+    #: Seconds to wait after a 429, from the response's headers.
+    retry_hint: Callable[[Mapping[str, str]], float | None]
+    #: What a body that is not an answer is, for the item's error ("... is not a Message").
+    unreadable: str
+
+    def classify(
+        self, exc: Exception, refused: str, timeout_s: float | None = None
+    ) -> Failure | None:
+        """What an SDK exception means for a call (``refused`` names a 4xx's refuser)."""
+        if isinstance(exc, self.timeout):
+            waited = f"no answer within {timeout_s:g} s" if timeout_s else "no answer in time"
+            return Failure("transient", "timeout", waited, overloaded=True)
+        if isinstance(exc, self.connection):
+            return Failure("transient", "connection_error", f"connection failed: {exc}")
+        if isinstance(exc, self.status):
+            status = cast(Any, exc)
+            code: int = status.status_code
+            if code == 429:
+                hint = self.retry_hint(status.response.headers)
+                return Failure("rate_limited", "rate_limited", "429", delay=hint)
+            if code in (401, 403):
+                return Failure("key_rejected", "key_rejected", str(code))
+            if code == 529:  # Anthropic's "overloaded"
+                return Failure("transient", "overloaded", "529 overloaded", overloaded=True)
+            if code < 500 and code != 408:
+                return Failure("fatal", "rejected", f"{refused}: {code}: {status.message}")
+            return Failure(
+                "transient",
+                "server_error",
+                f"{code}: {status.message}",
+                overloaded=code in (503, 504),
+            )
+        if isinstance(exc, (self.validation, ValueError)):
+            return Failure(
+                "fatal",
+                "unreadable",
+                f"{self.unreadable}: {exc}",
+                error_class=ErrorClass.ANALYZER_INVALID_OUTPUT,
+            )
+        return None
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -333,3 +391,45 @@ class KeyedProvider(Generic[Settings, Client, Answer]):
     async def close(self) -> None:
         for key in self.pool.all_keys():
             await self.close_client(key.client)
+
+
+async def check_keys(
+    config: KeyedConfig, name: str, check: Callable[[KeySpec], Awaitable[Check]]
+) -> list[Check]:
+    """``imagestream doctor``'s rows of a keyed provider: ``check`` of each key, at once."""
+    keys, _ = config.key_specs()
+    if not keys:
+        skipped = f"no {config.setting}_API_KEYS: the {name} analyzer is not configured"
+        return [Check(name, "skip", skipped, required=False)]
+    rows = [guarded(f"{name} key {k.short}", partial(check, k)) for k in keys]
+    return list(await asyncio.gather(*rows))
+
+
+def estimate_by_rule(
+    config: KeyedConfig,
+    choice: Choice,
+    request: EstimateRequest,
+    *,
+    prompt_tokens: int,
+    image_tokens: Callable[[int, int], int],
+    rule: str,
+) -> ProviderEstimate:
+    """``imagestream estimate`` by a provider's token rule of an image (``rule`` names
+    it): the sampled images' sizes, or 768x576 without a sample."""
+    sizes = [image_size(d) for d in request.sample] or [(768, 576)]
+    profile = choice.compiled.profile
+    result = pricing.estimate(
+        model=choice.model,
+        price=choice.price,
+        images=request.images,
+        input_tokens_per_image=statistics.fmean(prompt_tokens + image_tokens(*s) for s in sizes),
+        output_tokens_per_image=profile.expected_output_tokens or profile.max_output_tokens / 2,
+        max_output_tokens=profile.max_output_tokens,
+        requests_per_minute=config.quota_rpm(),
+    )
+    return ProviderEstimate(
+        estimate=result,
+        profile=choice.compiled.name,
+        counted_by=rule if request.sample else "the rule, at 768x576",
+        keys=len(config.api_keys),
+    )

@@ -3,15 +3,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from functools import partial
 
 from imagestream.common import settings
-from imagestream.common.providers import CHECK_TIMEOUT_S, Check, failure_reason, guarded
+from imagestream.common.providers import CHECK_TIMEOUT_S, Check, failure_reason
 
 from ...keypool import KeySpec
+from .. import keyed
 from .keys import make_client
 from .provider import GeminiSettings
 
@@ -53,10 +53,7 @@ async def check_key(key: KeySpec, config: DoctorSettings, model: str) -> Check:
 
 async def check_keys(env: Mapping[str, str]) -> list[Check]:
     config = settings.load(DoctorSettings, env)
-    keys, _ = config.keyed().key_specs()
-    if not keys:
-        skipped = "no GEMINI_API_KEYS: the local analyzer needs no key"
-        return [Check("gemini", "skip", skipped, required=False)]
     model = config.gemini_model or config.default_model
-    rows = [guarded(f"gemini key {k.short}", partial(check_key, k, config, model)) for k in keys]
-    return list(await asyncio.gather(*rows))
+    return await keyed.check_keys(
+        config.keyed(), "gemini", partial(check_key, config=config, model=model)
+    )

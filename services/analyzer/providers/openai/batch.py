@@ -28,7 +28,7 @@ from imagestream.common.errors import ErrorClass, ItemError
 
 from ...calls import Failure
 from ...deferred import BatchJobs, Forgotten, Polled, Prepared
-from .provider import OpenAIProvider, classify
+from .provider import ERRORS, OpenAIProvider
 
 JOBS = Counter(
     "imagestream_openai_batch_jobs_total",
@@ -83,7 +83,7 @@ class OpenAIJobApi:
         return job.id
 
     def classify(self, exc: Exception) -> Failure | None:
-        verdict = classify(exc, "OpenAI refused the batch job")
+        verdict = ERRORS.classify(exc, "OpenAI refused the batch job")
         if verdict is not None and verdict.kind == "rate_limited":
             return Failure("rate_limited", "waited", verdict.message, delay=verdict.delay)
         return verdict

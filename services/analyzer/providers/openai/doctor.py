@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Mapping
 from functools import partial
 
 import openai
 
-from imagestream.common.providers import CHECK_TIMEOUT_S, Check, failure_reason, guarded
+from imagestream.common.providers import CHECK_TIMEOUT_S, Check, failure_reason
 
 from ...keypool import KeySpec
+from .. import keyed
 from .provider import OpenAISettings, make_client, settings_from
 
 
@@ -40,9 +40,4 @@ async def check_key(key: KeySpec, config: OpenAISettings) -> Check:
 
 async def check_keys(env: Mapping[str, str]) -> list[Check]:
     config = settings_from(env)
-    keys, _ = config.keyed().key_specs()
-    if not keys:
-        skipped = "no OPENAI_API_KEYS: the openai analyzer is not configured"
-        return [Check("openai", "skip", skipped, required=False)]
-    rows = [guarded(f"openai key {k.short}", partial(check_key, k, config)) for k in keys]
-    return list(await asyncio.gather(*rows))
+    return await keyed.check_keys(config.keyed(), "openai", partial(check_key, config=config))

@@ -33,12 +33,11 @@ from openai.types.chat import ChatCompletion
 from prometheus_client import Counter
 
 from imagestream.common import pricing, profiles
-from imagestream.common.errors import ErrorClass
 from imagestream.common.messages import Usage
 
 from ...answers import InvalidOutput, check, decode
 from ...calls import Failure
-from ..keyed import Choice, KeyedConfig, KeyedProvider, image_mime, image_size
+from ..keyed import Choice, HttpErrors, KeyedConfig, KeyedProvider, image_mime, image_size
 from . import pricing as openai_pricing
 from .schema import drop_added_nulls, strict_schema
 
@@ -229,10 +228,8 @@ class OpenAIProvider(KeyedProvider[OpenAISettings, openai.AsyncOpenAI, ChatCompl
         return completion
 
     def classify(self, exc: Exception) -> Failure | None:
-        if isinstance(exc, openai.APITimeoutError):
-            message = f"no answer within {self.settings.openai_timeout_s:g} s"
-            return Failure("transient", "timeout", message, overloaded=True)
-        return classify(exc, "the server refused the request")
+        refused = "the server refused the request"
+        return ERRORS.classify(exc, refused, self.settings.openai_timeout_s)
 
     def usage_of(self, answer: ChatCompletion, price: pricing.Price, mode: pricing.Mode) -> Usage:
         return usage_of(answer, price, mode)
@@ -244,35 +241,14 @@ class OpenAIProvider(KeyedProvider[OpenAISettings, openai.AsyncOpenAI, ChatCompl
         await client.close()
 
 
-def classify(exc: Exception, refused: str) -> Failure | None:
-    """What an openai SDK exception means for a call or a batch job (see ``calls``)."""
-    if isinstance(exc, openai.RateLimitError):
-        return Failure(
-            "rate_limited", "rate_limited", "429", delay=retry_hint(exc.response.headers)
-        )
-    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
-        return Failure("key_rejected", "key_rejected", str(exc.status_code))
-    if isinstance(exc, openai.APITimeoutError):
-        return Failure("transient", "timeout", "no answer in time", overloaded=True)
-    if isinstance(exc, openai.APIConnectionError):
-        return Failure("transient", "connection_error", f"connection failed: {exc}")
-    if isinstance(exc, openai.APIStatusError):
-        if exc.status_code < 500 and exc.status_code != 408:
-            return Failure("fatal", "rejected", f"{refused}: {exc.status_code}: {exc.message}")
-        return Failure(
-            "transient",
-            "server_error",
-            f"{exc.status_code}: {exc.message}",
-            overloaded=exc.status_code in (503, 504),
-        )
-    if isinstance(exc, openai.APIResponseValidationError | ValueError):
-        return Failure(
-            "fatal",
-            "unreadable",
-            f"the server's answer is not a chat completion: {exc}",
-            error_class=ErrorClass.ANALYZER_INVALID_OUTPUT,
-        )
-    return None
+ERRORS = HttpErrors(
+    status=openai.APIStatusError,
+    timeout=openai.APITimeoutError,
+    connection=openai.APIConnectionError,
+    validation=openai.APIResponseValidationError,
+    retry_hint=retry_hint,
+    unreadable="the server's answer is not a chat completion",
+)
 
 
 def usage_of(
