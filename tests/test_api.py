@@ -426,6 +426,26 @@ async def test_subscribers_of_a_batch_share_one_poll_loop(api: Api, images: Imag
     assert api.app[FEEDS].watched == 0
 
 
+async def test_a_client_leaving_the_event_stream_ends_it_quietly(
+    api: Api, images: ImageServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, created = await upload(api, listing(images, [f"slow/{s.name}" for s in SAMPLES[:8]]))
+    async with (
+        api.session(api.viewer) as http,
+        http.get(f"/api/v1/batches/{created['id']}/events") as r,
+    ):
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"retry:")
+        r.connection.transport.abort()  # type: ignore[union-attr]  # the browser tab closed
+
+    async def unwatched() -> bool:
+        return api.app[FEEDS].watched == 0
+
+    # The server notices at its next write, then the feed of the batch stops.
+    await wait_for(unwatched, timeout=10)
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert "Cannot write to closing transport" not in caplog.text
+
+
 # ------------------------------------------------------------------ system and dead stream
 async def test_system_status(api: Api) -> None:
     await api.res.redis.hset(

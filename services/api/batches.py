@@ -163,11 +163,16 @@ class Batches:
             }
         )
         await response.prepare(request)
-        await response.write(b"retry: 3000\n\n")
-        async with contextlib.aclosing(self.feeds.subscribe(batch_id)) as messages_:
-            async for message in messages_:
-                await response.write(message)
-        await response.write_eof()
+        try:
+            await response.write(b"retry: 3000\n\n")
+            async with contextlib.aclosing(self.feeds.subscribe(batch_id)) as messages_:
+                async for message in messages_:
+                    await response.write(message)
+            await response.write_eof()
+        except ConnectionResetError:
+            # The client left (a tab closed, a script stopped reading): nothing went wrong,
+            # and closing the feed above stops its poll loop once no one else watches.
+            log.debug("event stream client left", extra={"batch": str(batch_id)})
         return response
 
     # ------------------------------------------------------------ controls
