@@ -54,6 +54,9 @@ class NewBatch:
     #: JSON Schema of each analysis column (see Provider.schema).
     analysis_schema: Mapping[str, Any] | None = None
     budget_usd: float | None = None
+    #: Where its events go (webhooks.py), and the ``whsec_`` secret that signs them.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
 
 
 async def create_batch(conn: Conn, batch: NewBatch) -> uuid.UUID:
@@ -61,8 +64,8 @@ async def create_batch(conn: Conn, batch: NewBatch) -> uuid.UUID:
         """
         INSERT INTO batches (name, analyzer, profile, model, options, source_name,
                              source_format, analysis_columns, analysis_schema, budget_usd,
-                             pipeline)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id
+                             pipeline, webhook_url, webhook_secret)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING id
         """,
         batch.name,
         batch.analyzer,
@@ -75,6 +78,8 @@ async def create_batch(conn: Conn, batch: NewBatch) -> uuid.UUID:
         dict(batch.analysis_schema) if batch.analysis_schema is not None else None,
         batch.budget_usd,
         batch.pipeline,
+        batch.webhook_url,
+        batch.webhook_secret,
     )
     return batch_id
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 from dotenv import dotenv_values
 
-from . import guard, storage
+from . import guard, storage, webhooks
 
 
 class SettingsError(Exception):
@@ -55,6 +55,26 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     list_allowed_buckets: tuple[str, ...] = ()
     #: CIDR ranges a list at an http(s) URL may come from although private or loopback.
     list_allowed_cidrs: tuple[str, ...] = ()
+    #: Receiver of the events of batches that do not name one (webhooks.py).
+    webhook_url: str | None = None
+    #: ``whsec_`` secret signing the events of batches that bring none (nor their token).
+    webhook_secret: str | None = None
+    #: CIDR ranges a webhook receiver may be at although private or loopback.
+    webhook_allowed_cidrs: tuple[str, ...] = ()
+    #: An event without a 2xx answer this long (seconds) is given up (marked failed).
+    webhook_max_age_s: float = 86400.0
+    #: First retry after about this long (seconds); each next one waits twice as long...
+    webhook_retry_base_s: float = 5.0
+    #: ...but never longer than this (seconds).
+    webhook_retry_max_s: float = 3600.0
+    #: Time a receiver has to answer one attempt (seconds).
+    webhook_timeout_s: float = 10.0
+    #: An event held this long by a process that died is sent again by another (seconds).
+    webhook_lease_s: float = 60.0
+    #: Attempts one process makes at once (each to a different batch).
+    webhook_concurrency: int = 8
+    #: How often a process looks for due events (seconds).
+    webhook_poll_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -67,6 +87,29 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
             guard.parse_cidrs(self.list_allowed_cidrs)
         except ValueError as exc:
             raise ValueError(f"LIST_ALLOWED_CIDRS: {exc}") from None
+        try:
+            guard.parse_cidrs(self.webhook_allowed_cidrs)
+        except ValueError as exc:
+            raise ValueError(f"WEBHOOK_ALLOWED_CIDRS: {exc}") from None
+        if self.webhook_secret is not None:
+            try:
+                webhooks.secret_key(self.webhook_secret)
+            except webhooks.WebhookError as exc:
+                raise ValueError(f"WEBHOOK_SECRET: {exc}") from None
+        if self.webhook_url is not None and not self.webhook_url.lower().startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("WEBHOOK_URL must be an http(s) URL")
+        if min(self.webhook_retry_base_s, self.webhook_timeout_s, self.webhook_poll_s) <= 0:
+            raise ValueError("WEBHOOK_RETRY_BASE_S, WEBHOOK_TIMEOUT_S, WEBHOOK_POLL_S must be > 0")
+        if self.webhook_retry_max_s < self.webhook_retry_base_s:
+            raise ValueError("WEBHOOK_RETRY_MAX_S must be at least WEBHOOK_RETRY_BASE_S")
+        if self.webhook_max_age_s <= 0:
+            raise ValueError("WEBHOOK_MAX_AGE_S must be > 0")
+        if self.webhook_lease_s <= self.webhook_timeout_s:
+            raise ValueError("WEBHOOK_LEASE_S must be longer than WEBHOOK_TIMEOUT_S")
+        if not 1 <= self.webhook_concurrency <= 256:
+            raise ValueError("WEBHOOK_CONCURRENCY must be between 1 and 256")
         if self.shutdown_grace_s <= 0:
             raise ValueError("SHUTDOWN_GRACE_S must be > 0")
         if self.observe_interval_s <= 0:
@@ -79,6 +122,22 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     def list_address_policy(self) -> guard.AddressPolicy:
         """Where a list at an http(s) URL may be fetched from."""
         return guard.AddressPolicy(guard.parse_cidrs(self.list_allowed_cidrs))
+
+    def webhook_policy(self) -> guard.AddressPolicy:
+        """Where webhook receivers may be."""
+        return guard.AddressPolicy(guard.parse_cidrs(self.webhook_allowed_cidrs))
+
+    def webhook_delivery(self) -> webhooks.DeliveryConfig:
+        return webhooks.DeliveryConfig(
+            policy=self.webhook_policy(),
+            timeout_s=self.webhook_timeout_s,
+            lease_s=self.webhook_lease_s,
+            retry_base_s=self.webhook_retry_base_s,
+            retry_max_s=self.webhook_retry_max_s,
+            max_age_s=self.webhook_max_age_s,
+            concurrency=self.webhook_concurrency,
+            poll_s=self.webhook_poll_s,
+        )
 
 
 class StreamSettings(CommonSettings, kw_only=True, frozen=True):
