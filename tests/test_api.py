@@ -87,7 +87,7 @@ async def test_every_route_needs_its_role(api: Api, images: ImageServer) -> None
     status, created = await upload(api, listing(images, [SAMPLES[0].name]))
     assert status == 201
     values = {"batch_id": created["id"], "item_id": "1", "token_id": "999999", "ticket": "x",
-              "export_id": "00000000-0000-0000-0000-000000000000"}  # fmt: skip
+              "export_id": "00000000-0000-0000-0000-000000000000", "event_id": "1"}  # fmt: skip
     checked = 0
     for route, need in api.app[ROUTE_ROLES].items():
         info = route.resource.get_info() if route.resource is not None else {}

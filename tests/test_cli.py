@@ -7,12 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import orjson
 import pytest
 
+from imagestream.common import webhooks
 from imagestream.devtools import corpus
 
 from .procs import free_port, service_env
+from .webhook_receiver import Receiver, receiving
 
 
 async def imagestream(env: dict[str, str], *args: str) -> tuple[int, str, str]:
@@ -75,6 +78,7 @@ async def test_analyze_a_folder_of_images(
         (["analyze", "{list}", "-o", "x.csv"], {"MAX_DELIVERIES": "zero"}, 2, "invalid setting MAX_DELIVERIES"),
         (["analyze", "{list}", "-o", "x.csv"], {"DATABASE_URL": "postgresql://nobody:secret@127.0.0.1:{port}/x"}, 1, "cannot reach PostgreSQL"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "magic"], {}, 2, "analyzer must be one of"),
+        (["analyze", "{list}", "--webhook-url", "http://10.0.0.1/h"], {}, 2, "webhook: address 10.0.0.1 is not public"),
         (["analyze", "{list}", "-o", "x.csv", "--long-side", "5"], {}, 2, "long_side must be"),
         (["analyze", "{list}", "-o", "x.csv", "--mode", "batch"], {}, 2, "mode batch (a Batch API) needs analyzer gemini"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "openai"], {}, 2, "analyzer openai is not configured here: set OPENAI_API_KEYS"),
@@ -102,3 +106,42 @@ async def test_bad_input_gets_one_line_and_an_exit_status(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("imagestream: ") and message in lines[0], err
     assert "Traceback" not in err and "secret" not in err
+
+
+async def test_analyze_sends_its_webhooks_and_leaves_the_rest_to_the_deployment(
+    redis_url: str, database_url: str, pool: asyncpg.Pool, prefix: str, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(corpus.sample("a", 40, 30, "PNG", seed=1).data)
+    secret = webhooks.new_secret()
+    env = service_env(redis_url, database_url, prefix, WEBHOOK_ALLOWED_CIDRS="127.0.0.0/8")
+    async with receiving(secret) as receiver:
+        code, out, err = await imagestream(
+            env, "analyze", str(photos), "--no-progress", "--webhook-url", receiver.url,
+            "--webhook-secret", secret,
+        )  # fmt: skip
+    assert code == 0, err
+    assert receiver.forged == 0 and secret not in out + err
+    [got] = receiver.accepted
+    assert got.body["type"] == "batch.completed" and got.body["data"]["counts"]["succeeded"] == 1
+    assert "webhooks:" not in out
+
+    # Nobody listening: the run ends after its grace period and hands the event over.
+    down = Receiver(secret)
+    code, out, err = await imagestream(
+        env | {"SHUTDOWN_GRACE_S": "1"}, "analyze", str(photos), "--no-progress",
+        "--webhook-url", down.url,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "webhooks: 1 event(s) not delivered yet" in out, out
+    shown = [line for line in err.splitlines() if line.startswith("webhook secret (shown once): ")]
+    assert len(shown) == 1
+    row = await pool.fetchrow(
+        "SELECT * FROM webhook_events WHERE url = $1 ORDER BY id DESC LIMIT 1", down.url
+    )
+    assert row["pipeline"] == prefix and row["state"] == "pending" and row["attempts"] >= 1
+    batch_secret = await pool.fetchval(
+        "SELECT webhook_secret FROM batches WHERE id = $1", row["batch_id"]
+    )
+    assert shown[0].endswith(batch_secret)

@@ -21,6 +21,7 @@ from imagestream.devtools.imageserver import ImageServer, Reply
 
 from .apiharness import Api, running_api
 from .helpers import wait_for
+from .webhook_receiver import Receiver
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = [
@@ -43,7 +44,15 @@ async def images() -> AsyncIterator[ImageServer]:
 
 @pytest.fixture(scope="module")
 async def api(redis_url: str, database_url: str, pool: asyncpg.Pool) -> AsyncIterator[Api]:
-    async with running_api(redis_url, database_url, pool, stages=True, FETCH_PER_HOST="2") as api:
+    async with running_api(
+        redis_url,
+        database_url,
+        pool,
+        stages=True,
+        FETCH_PER_HOST="2",
+        WEBHOOK_ALLOWED_CIDRS="127.0.0.0/8",
+        WEBHOOK_POLL_S="0.1",
+    ) as api:
         yield api
 
 
@@ -147,6 +156,37 @@ async def test_upload_watch_pause_resume_export(
     assert await page.evaluate("document.documentElement.scrollWidth") <= 390
     await page.screenshot(path=ARTIFACTS / "dashboard-batch-390.png", full_page=True)
     assert not problems, problems
+    await page.close()
+
+
+async def test_a_batch_with_a_webhook_shows_its_secret_once(
+    browser: Browser, api: Api, images: ImageServer, tmp_path: Path
+) -> None:
+    page, problems = await signed_in(browser, api)
+    listing = tmp_path / "hooked.csv"
+    listing.write_text(f"url\n{images.url(f'slow/{SAMPLES[0].name}')}\n")
+    receiver = Receiver("whsec_" + "A" * 32)  # its secret is known once the batch exists
+    await receiver.up()
+    try:
+        await page.set_input_files("#file-input", str(listing))
+        await page.fill("#webhook-url", receiver.url)
+        await page.click("#start-batch")
+        await page.wait_for_selector("#webhook-secret")
+        receiver.secret = await page.text_content("#webhook-secret") or ""
+        assert receiver.secret.startswith("whsec_")
+
+        async def arrived() -> bool:
+            return bool(receiver.accepted)
+
+        await wait_for(arrived, timeout=60)
+    finally:
+        await receiver.down()
+    # Verified with the secret the page showed (a request before it was read would be
+    # refused and retried).
+    assert receiver.accepted[0].body["type"] == "batch.completed"
+    await page.click("a:has-text('Open the batch')")
+    await page.wait_for_url(re.compile(r".*#/batches/[0-9a-f-]{36}$"))
+    assert problems == []
     await page.close()
 
 

@@ -17,7 +17,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-from imagestream.common import export, ledger, pricing, profiles, providers, storage, tokens
+from imagestream.common import (
+    export,
+    ledger,
+    pricing,
+    profiles,
+    providers,
+    storage,
+    tokens,
+    webhooks,
+)
 from imagestream.common.connections import Resources
 from imagestream.common.inputs import InputError
 from imagestream.common.keys import Keys
@@ -78,6 +87,9 @@ class RunOptions:
     progress: bool = True
     #: False: analyze every image afresh instead of reusing cached analyses.
     cache: bool = True
+    #: Where the batch's events go (default WEBHOOK_URL), and the secret signing them.
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
 
 
 @dataclass
@@ -87,6 +99,8 @@ class RunReport:
     errors: dict[str, int]
     #: Where the results were written.
     output: str | None
+    #: Webhook events not delivered before the run ended (left to the deployment).
+    webhooks_left: int = 0
 
 
 async def _check_output(output: str | None, fmt: str | None) -> export.Sink | None:
@@ -145,6 +159,8 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
     if is_folder:
         configured["fetcher"] = pipeline.replace(configured["fetcher"], fetch_allow_file=True)
 
+    hook_url, hook_secret = await _webhook(options, common)
+
     async with pipeline.connected(common) as shared:
         res = Resources(shared.redis, shared.pool, Keys(prefix))
         batch_id = await ledger.create_batch(
@@ -158,8 +174,12 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
                 budget_usd=choice.budget_usd,
                 source_name=None if is_folder else list_name,
                 options={**choice.options, "allow_file": True} if is_folder else choice.options,
+                webhook_url=hook_url,
+                webhook_secret=hook_secret,
             ),
         )
+        deliverer = webhooks.Deliverer(res.pool, prefix, common.webhook_delivery())
+        await deliverer.start()
         stopping = asyncio.Event()
         services = asyncio.create_task(
             pipeline.run_stages(res, configured, stopping, observe=False)
@@ -181,10 +201,15 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
             except InputError as exc:
                 raise UsageError(f"cannot read {source}: {exc}") from None
             batch = await _wait(res, batch_id, services, stop, options.progress)
+            left = await deliverer.drain(batch_id, common.shutdown_grace_s) if hook_url else 0
         finally:
             stopping.set()
             with contextlib.suppress(Exception):
                 await services
+            await deliverer.stop()
+            # Events the receiver has not taken yet go on being retried by the deployment's
+            # api processes (this run's private pipeline ends here).
+            await webhooks.hand_over(res.pool, batch_id, common.redis_prefix)
             await _forget_keys(res)
         elapsed = time.perf_counter() - started
         written = None
@@ -192,7 +217,28 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
             written = outputs.results_url(options.output, str(batch_id), sink)
             await export_results(res, batch_id, written, sink)
         errors = await ledger.error_counts(res.pool, batch_id)
-    return RunReport(batch, elapsed, errors, written)
+    return RunReport(batch, elapsed, errors, written, left)
+
+
+async def _webhook(options: RunOptions, common: CommonSettings) -> tuple[str | None, str | None]:
+    """The run's webhook URL (checked by the address guard) and secret; a secret made up
+    here is printed once, as the api returns it once."""
+    url = options.webhook_url or common.webhook_url
+    if url is None:
+        if options.webhook_secret is not None:
+            raise UsageError("--webhook-secret needs --webhook-url (or WEBHOOK_URL)")
+        return None, None
+    try:
+        url = await webhooks.check_target(url, common.webhook_policy())
+        secret = options.webhook_secret or common.webhook_secret
+        if secret is not None:
+            webhooks.secret_key(secret)
+    except webhooks.WebhookError as exc:
+        raise UsageError(f"webhook: {exc}") from None
+    if secret is None:
+        secret = webhooks.new_secret()
+        print(f"webhook secret (shown once): {secret}", file=sys.stderr, flush=True)
+    return url, secret
 
 
 async def _wait(
@@ -266,6 +312,11 @@ def summary(report: RunReport) -> str:
         lines.append(f"  stopped: the batch was paused ({b['state_reason']})")
     if report.output is not None:
         lines.append(f"  results: {report.output}")
+    if report.webhooks_left:
+        lines.append(
+            f"  webhooks: {report.webhooks_left} event(s) not delivered yet; the api"
+            " processes of this deployment go on retrying them"
+        )
     return "\n".join(lines)
 
 

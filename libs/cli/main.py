@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from imagestream.common import db, export, providers, settings, tokens
+from imagestream.common import db, export, providers, settings, tokens, webhooks
 from imagestream.common.connections import ConnectError
 from imagestream.common.logging import configure_logging
 from imagestream.common.runtime import run
@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("standard", "batch"),
         help="batch sends the images as the provider's Batch API jobs: half price, hours",
     )
+    p.add_argument(
+        "--webhook-url", help="POST the batch's events here, signed (default: WEBHOOK_URL)"
+    )
+    p.add_argument(
+        "--webhook-secret",
+        help="whsec_ secret signing them (default: WEBHOOK_SECRET, else a new one, shown once)",
+    )
 
     p = sub.add_parser(
         "estimate", help="expected tokens, cost and duration of a list, before running it"
@@ -118,6 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("create", help="create a token (shown once)")
     t.add_argument("--role", choices=tokens.ROLES, required=True)
     t.add_argument("--name", required=True)
+    t.add_argument("--webhook-secret", help="whsec_ secret signing the webhooks of its batches")
     tsub.add_parser("list", help="list tokens (never their secrets)")
     t = tsub.add_parser("revoke", help="revoke a token")
     t.add_argument("id", type=int)
@@ -187,6 +195,8 @@ def cmd_analyze(args: argparse.Namespace, env: dict[str, str]) -> int:
         cache=not args.no_cache,
         long_side=args.long_side,
         mode=args.mode,
+        webhook_url=args.webhook_url,
+        webhook_secret=args.webhook_secret,
     )
     report = _run(lambda stop: local.analyze(env, options, stop))
     print(local.summary(report))
@@ -266,7 +276,15 @@ def cmd_tokens(args: argparse.Namespace, env: dict[str, str]) -> int:
     async def act(_: asyncio.Event) -> int:
         async with pipeline.connected(common, pool_size=2) as res:
             if args.tokens_command == "create":
-                token_id, secret = await tokens.create(res.pool, args.name, args.role)
+                if args.webhook_secret is not None:
+                    try:
+                        webhooks.secret_key(args.webhook_secret)
+                    except webhooks.WebhookError as exc:
+                        print(f"imagestream: --webhook-secret: {exc}", file=sys.stderr)
+                        return 2
+                token_id, secret = await tokens.create(
+                    res.pool, args.name, args.role, webhook_secret=args.webhook_secret
+                )
                 print(f"token {token_id} ({args.role}, {args.name}); shown once:")
                 print(secret)
             elif args.tokens_command == "list":

@@ -49,6 +49,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--mode", choices=("standard", "batch"), help="batch: the provider's Batch API, half price"
     )
+    p.add_argument("--webhook-url", help="POST the batch's events here (default: the api's)")
+    p.add_argument(
+        "--webhook-secret", help="whsec_ secret signing them (default: the token's or the api's)"
+    )
     p.add_argument("--wait", action="store_true", help="show progress until the batch ends")
     p = sub.add_parser("status", help="a batch's progress" + note)
     p.add_argument("id")
@@ -152,6 +156,8 @@ async def submit(client: Client, args: argparse.Namespace) -> int:
         "model": args.model,
         "budget_usd": None if args.budget_usd is None else str(args.budget_usd),
         "mode": args.mode,
+        "webhook_url": args.webhook_url,
+        "webhook_secret": args.webhook_secret,
     }
     async with client.session() as http:
         with path.open("rb") as handle:  # streamed from disk by aiohttp
@@ -165,6 +171,8 @@ async def submit(client: Client, args: argparse.Namespace) -> int:
             created = await client.call(http, "POST", "/api/v1/batches", data=form)
         print(created["id"])
         print(f"batch {created['name']!r} created ({created['source_format']})", file=sys.stderr)
+        if "webhook_secret" in created:
+            print(f"webhook secret (shown once): {created['webhook_secret']}", file=sys.stderr)
         if args.wait:
             status = await _watch(client, http, created["id"])
             print(summary(status), file=sys.stderr)

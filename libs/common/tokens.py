@@ -29,18 +29,34 @@ def digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def create(conn: asyncpg.Connection | asyncpg.Pool, name: str, role: Role) -> tuple[int, str]:
-    """A new token; the secret is returned here and never again."""
+async def create(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    name: str,
+    role: Role,
+    *,
+    webhook_secret: str | None = None,
+) -> tuple[int, str]:
+    """A new token; the secret is returned here and never again. ``webhook_secret`` (a
+    ``whsec_`` secret) signs the webhooks of the batches created with it."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     secret = PREFIX + secrets.token_urlsafe(32)
     token_id: int = await conn.fetchval(
-        "INSERT INTO api_tokens (name, role, token_hash) VALUES ($1, $2, $3) RETURNING id",
+        "INSERT INTO api_tokens (name, role, token_hash, webhook_secret) VALUES ($1, $2, $3, $4)"
+        " RETURNING id",
         name,
         role,
         digest(secret),
+        webhook_secret,
     )
     return token_id, secret
+
+
+async def webhook_secret(conn: asyncpg.Connection | asyncpg.Pool, token_id: int) -> str | None:
+    secret: str | None = await conn.fetchval(
+        "SELECT webhook_secret FROM api_tokens WHERE id = $1", token_id
+    )
+    return secret
 
 
 async def verify(pool: asyncpg.Pool, token: str) -> TokenInfo | None:
@@ -65,7 +81,7 @@ async def revoke(conn: asyncpg.Connection | asyncpg.Pool, token_id: int) -> bool
 async def list_tokens(conn: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT id, name, role, created_at, last_used_at, revoked_at"
-            " FROM api_tokens ORDER BY id"
+            "SELECT id, name, role, created_at, last_used_at, revoked_at,"
+            " webhook_secret IS NOT NULL AS has_webhook_secret FROM api_tokens ORDER BY id"
         )
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import Counter, Histogram
 
+from imagestream.common import webhooks
 from imagestream.common.connections import Resources
 from imagestream.common.metrics import metrics_handler
 
@@ -27,6 +28,7 @@ from .exports import ExportJobs, ExportWorker
 from .live import Feeds, Monitor, Progress
 from .settings import ApiSettings
 from .system import System
+from .webhooks import WebhookEvents
 
 __all__ = ["ApiSettings", "create_app", "run"]
 
@@ -94,10 +96,14 @@ async def _old_status_page(_: web.Request) -> web.StreamResponse:
 
 
 def routes(
-    batches: Batches, exports: ExportJobs, system: System, settings: ApiSettings
+    batches: Batches,
+    exports: ExportJobs,
+    hooks: WebhookEvents,
+    system: System,
+    settings: ApiSettings,
 ) -> list[tuple[web.AbstractRouteDef, Need]]:
     """Every route, with the role it needs (None: public)."""
-    b, e, s = batches, exports, system
+    b, e, w, s = batches, exports, hooks, system
     early_refusal = uploads.expect_handler(settings.max_upload_bytes)
     v1 = "/api/v1"
     one = f"{v1}/batches/{{batch_id}}"
@@ -119,6 +125,8 @@ def routes(
         (web.post(f"{one}/exports", e.create), "admin"),
         (web.get(f"{one}/exports", e.list, allow_head=False), "viewer"),
         (web.get(f"{one}/exports/{{export_id}}", e.get, allow_head=False), "viewer"),
+        (web.get(f"{one}/webhooks", w.list, allow_head=False), "viewer"),
+        (web.post(f"{one}/webhooks/{{event_id}}/redeliver", w.redeliver), "admin"),
         (web.get(f"{v1}/batch-data/export", b.legacy_export, allow_head=False), "viewer"),
         (web.post(f"{v1}/downloads", b.create_download), "viewer"),
         (web.get(f"{v1}/downloads/{{ticket}}", b.download, allow_head=False), None),
@@ -157,9 +165,22 @@ def create_app(res: Resources, settings: ApiSettings) -> web.Application:
     worker = ExportWorker(res.pool, res.keys.prefix, settings)
     batches = Batches(res, settings, progress, feeds)
     exports = ExportJobs(res.pool, settings, worker)
-    register(app, routes(batches, exports, System(res, auth, monitor), settings))
+    # The api processes deliver the deployment's webhook events (one lease per event, so
+    # replicas never send one concurrently).
+    deliverer = webhooks.Deliverer(res.pool, res.keys.prefix, settings.webhook_delivery())
+    hooks = WebhookEvents(res.pool, deliverer)
+    register(app, routes(batches, exports, hooks, System(res, auth, monitor), settings))
     app.on_startup.append(worker.start)
     app.on_shutdown.append(worker.stop)
+
+    async def start_deliverer(_: web.Application) -> None:
+        await deliverer.start()
+
+    async def stop_deliverer(_: web.Application) -> None:
+        await deliverer.stop()
+
+    app.on_startup.append(start_deliverer)
+    app.on_shutdown.append(stop_deliverer)
     app.on_response_prepare.append(_security_headers)
     app[FEEDS] = feeds
 

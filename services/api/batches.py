@@ -11,6 +11,7 @@ import re
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -20,11 +21,12 @@ from aiohttp import web
 from multidict import MultiDict
 from redis.exceptions import RedisError
 
-from imagestream.common import control, export, ledger, messages, storage, streams
+from imagestream.common import control, export, ledger, messages, storage, streams, tokens, webhooks
 from imagestream.common.connections import Resources
 from imagestream.common.storage import StorageError
 
 from . import params, uploads
+from .auth import TOKEN
 from .batch_fields import batch_fields
 from .errors import ApiError, bad_request, json_response
 from .live import Feeds, Progress, batch_json
@@ -40,6 +42,14 @@ _DOWNLOADABLE = re.compile(
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchWebhook:
+    url: str | None
+    secret: str | None
+    #: A new secret: the reply shows it, once.
+    generated: bool = False
 
 
 def _slug(name: str) -> str:
@@ -75,6 +85,11 @@ class Batches:
             list_url = upload.fields.pop("list_url", None)
             if list_url is not None:
                 upload.source_name = self._checked_list_url(list_url)
+            hook = await self._webhook(
+                request,
+                upload.fields.pop("webhook_url", None),
+                upload.fields.pop("webhook_secret", None),
+            )
             fields = batch_fields(
                 upload.fields,
                 source_name=upload.source_name,
@@ -84,7 +99,7 @@ class Batches:
                 """
                 UPDATE batches SET name = $2, analyzer = $3, profile = $4, model = $5,
                        budget_usd = $6, source_name = $7, source_format = $8, options = $9,
-                       list_url = $10
+                       list_url = $10, webhook_url = $11, webhook_secret = $12
                 WHERE id = $1
                 """,
                 batch_id,
@@ -97,6 +112,8 @@ class Batches:
                 upload.format,
                 fields.options,
                 list_url,
+                hook.url,
+                hook.secret,
             )
         try:
             await streams.append(
@@ -111,6 +128,8 @@ class Batches:
             )
         row = await ledger.batch(self.pool, batch_id)
         body = batch_json(row) | {"upload_bytes": upload.bytes}
+        if hook.generated:
+            body["webhook_secret"] = hook.secret  # shown this once
         return json_response(body, status=201, headers={"Location": f"/api/v1/batches/{batch_id}"})
 
     def _checked_list_url(self, list_url: str) -> str:
@@ -126,6 +145,36 @@ class Batches:
         except StorageError as exc:
             raise bad_request(f"list_url: {exc}") from None
         return (storage.file_name(url) or "list")[: uploads.MAX_NAME]
+
+    async def _webhook(
+        self, request: web.Request, url: str | None, secret: str | None
+    ) -> BatchWebhook:
+        """Where the batch's events go (its webhook_url, else WEBHOOK_URL) if the address
+        guard lets them, and the secret that signs them: the caller's, else its token's,
+        else WEBHOOK_SECRET, else a new one (returned once); 400 saying what is wrong."""
+        url = url if url is not None and url.strip() else self.settings.webhook_url
+        if url is None:
+            if secret is not None:
+                raise bad_request("webhook_secret needs a webhook_url")
+            return BatchWebhook(None, None)
+        try:
+            url = await webhooks.check_target(url, self.settings.webhook_policy())
+        except webhooks.WebhookError as exc:
+            raise bad_request(f"webhook_url: {exc}") from None
+        if secret is not None:
+            try:
+                webhooks.secret_key(secret.strip())
+            except webhooks.WebhookError as exc:
+                raise bad_request(f"webhook_secret: {exc}") from None
+            return BatchWebhook(url, secret.strip())
+        token = request.get(TOKEN)
+        if token is not None and token.id:
+            of_token = await tokens.webhook_secret(self.pool, token.id)
+            if of_token is not None:
+                return BatchWebhook(url, of_token)
+        if self.settings.webhook_secret is not None:
+            return BatchWebhook(url, self.settings.webhook_secret)
+        return BatchWebhook(url, webhooks.new_secret(), generated=True)
 
     # ------------------------------------------------------------ browse
     async def list(self, request: web.Request) -> web.Response:

@@ -58,6 +58,8 @@ def batch_json(row: asyncpg.Record) -> dict[str, Any]:
         "source_format": row["source_format"],
         # Without a signed URL's query (the caller's credential) or user info.
         "list_url": storage.shown_url(row["list_url"]) if row["list_url"] else None,
+        # Where its events go (webhooks); the secret that signs them is never shown.
+        "webhook_url": storage.shown_url(row["webhook_url"]) if row["webhook_url"] else None,
         "ingested": row["ingested"],
         "counts": {
             "total": total,

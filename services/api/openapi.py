@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from imagestream.common import export, providers
+from imagestream.common import export, providers, webhooks
 
 from .errors import Handler, bad_request
 from .params import BATCH_STATES, ITEM_STATES
@@ -93,6 +93,11 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "Where the list is read from, if not uploaded (without a"
                 " query or user info).",
             },
+            "webhook_url": {
+                **nullable(STRING),
+                "description": "Where the batch's events are POSTed (without a query or"
+                " user info); see /webhooks.",
+            },
             "ingested": BOOLEAN,
             "counts": ref("Counts"),
             "progress": {"type": "number", "minimum": 0, "maximum": 100},
@@ -168,7 +173,20 @@ SCHEMAS["NewExportJob"] = obj(
 )
 _BATCH_PROPS: dict[str, Schema] = SCHEMAS["Batch"]["properties"]
 SCHEMAS |= {
-    "CreatedBatch": obj(_BATCH_PROPS | {"upload_bytes": COUNT}),
+    "CreatedBatch": obj(
+        _BATCH_PROPS
+        | {
+            "upload_bytes": COUNT,
+            "webhook_secret": {
+                "type": "string",
+                "pattern": "^whsec_",
+                "description": "The secret generated to sign this batch's webhooks (none"
+                " was sent, and neither the token nor WEBHOOK_SECRET has one): shown this"
+                " once.",
+            },
+        },
+        required=[*_BATCH_PROPS, "upload_bytes"],
+    ),
     "BatchStatus": obj(
         _BATCH_PROPS
         | {
@@ -215,6 +233,20 @@ SCHEMAS |= {
             },
             "batch_name": {"type": "string", "maxLength": 200},
             "name": {"type": "string", "maxLength": 200, "description": "Alias of batch_name."},
+            "webhook_url": {
+                "type": "string",
+                "maxLength": 2000,
+                "description": "POST the batch's events here (batch.completed, batch.failed,"
+                " batch.paused, batch.cancelled, export.completed), signed as Standard"
+                " Webhooks; default WEBHOOK_URL. Its host must resolve to public addresses"
+                " (or a range of WEBHOOK_ALLOWED_CIDRS).",
+            },
+            "webhook_secret": {
+                "type": "string",
+                "pattern": "^whsec_",
+                "description": "whsec_ + base64 key signing the events; default: the"
+                " token's, else WEBHOOK_SECRET, else a new one returned once.",
+            },
             "analyzer": {"type": "string", "enum": list(providers.names())},
             "profile": {"type": "string", "maxLength": 200},
             "model": {"type": "string", "maxLength": 200},
@@ -526,6 +558,7 @@ SCHEMAS |= {
             "created_at": TIME,
             "last_used_at": nullable(TIME),
             "revoked_at": nullable(TIME),
+            "has_webhook_secret": BOOLEAN,
         }
     ),
     "TokenList": obj({"tokens": {"type": "array", "items": ref("Token")}}),
@@ -533,7 +566,14 @@ SCHEMAS |= {
         {
             "name": {"type": "string", "minLength": 1, "maxLength": 100},
             "role": {"type": "string", "enum": ["admin", "viewer"]},
-        }
+            "webhook_secret": {
+                "type": "string",
+                "pattern": "^whsec_",
+                "description": "Signs the webhooks of the batches this token creates"
+                " (unless they send their own).",
+            },
+        },
+        required=["name", "role"],
     ),
     "TokenCreated": obj(
         {
@@ -544,6 +584,39 @@ SCHEMAS |= {
         }
     ),
     "TokenRevoked": obj({"id": INTEGER, "revoked": BOOLEAN}),
+    "WebhookEvent": obj(
+        {
+            "id": INTEGER,
+            "webhook_id": {
+                "type": "string",
+                "description": "The webhook-id header: the same on every attempt.",
+            },
+            "type": {"type": "string", "enum": list(webhooks.EVENT_TYPES)},
+            "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+            "attempts": COUNT,
+            "next_attempt_at": nullable(TIME),
+            "last_error": nullable(STRING),
+            "created_at": TIME,
+            "finished_at": nullable(TIME),
+            "payload": {
+                **obj({"type": STRING, "timestamp": TIME, "data": ANY_OBJECT}),
+                "description": "The body POSTed: {type, timestamp, data: {batch_id, name,"
+                " state, reason, counts, cost_usd, ...}} (export.completed: and export).",
+            },
+            "deliveries": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "at": TIME,
+                        "duration_s": {"type": "number", "minimum": 0},
+                        "status": nullable(INTEGER),
+                        "error": nullable(STRING),
+                    }
+                ),
+                "description": "Every attempt, oldest first: the HTTP status, or the error.",
+            },
+        }
+    ),
 }
 
 ERROR_TEXT = {
@@ -610,6 +683,10 @@ def query(name: str, schema: Schema, description: str, *, explode: bool = True) 
     if schema.get("type") == "array":
         param |= {"style": "form", "explode": explode}
     return param
+
+
+def path_integer(name: str) -> Schema:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "integer"}}
 
 
 BATCH_ID = {
@@ -819,12 +896,7 @@ def build() -> dict[str, Any]:
                 ok(ref("ItemDetail")) | errors(404),
                 parameters=[
                     BATCH_ID,
-                    {
-                        "name": "item_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer"},
-                    },
+                    path_integer("item_id"),
                 ],
                 description="The item, its result and its failure history.",
             )
@@ -882,6 +954,48 @@ def build() -> dict[str, Any]:
                 parameters=[BATCH_ID, LIMIT],
                 tag="exports",
             ),
+        },
+        f"{one}/webhooks": {
+            "get": operation(
+                "List webhook events",
+                ok(
+                    obj(
+                        {
+                            "webhook_url": nullable(STRING),
+                            "events": {"type": "array", "items": ref("WebhookEvent")},
+                            "limit": COUNT,
+                        }
+                    )
+                )
+                | errors(400, 404),
+                parameters=[
+                    BATCH_ID,
+                    query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                        "Page size.",
+                    ),
+                ],
+                tag="webhooks",
+                description="The batch's events, oldest first, each with its delivery log."
+                " Events are delivered at least once, in order per batch, retried with"
+                " back-off for WEBHOOK_MAX_AGE_S (a day), then failed.",
+            )
+        },
+        f"{one}/webhooks/{{event_id}}/redeliver": {
+            "post": operation(
+                "Redeliver a webhook event",
+                ok(ref("WebhookEvent"), "Accepted: the event is due now.", 202) | errors(404),
+                role="admin",
+                parameters=[
+                    BATCH_ID,
+                    path_integer("event_id"),
+                ],
+                tag="webhooks",
+                description="Sends the event again (delivered or failed ones too; the same"
+                " webhook-id), with a fresh WEBHOOK_MAX_AGE_S of retries, from this"
+                " deployment.",
+            )
         },
         f"{one}/exports/{{export_id}}": {
             "get": operation(
@@ -1005,14 +1119,7 @@ def build() -> dict[str, Any]:
                 "Revoke a token",
                 ok(ref("TokenRevoked")) | errors(404),
                 role="admin",
-                parameters=[
-                    {
-                        "name": "token_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer"},
-                    }
-                ],
+                parameters=[path_integer("token_id")],
                 tag="tokens",
             )
         },
@@ -1059,6 +1166,7 @@ def build() -> dict[str, Any]:
             {"name": "exports", "description": "Results as CSV, JSON, JSONL or XLSX."},
             {"name": "system", "description": "Health, status, the dead stream."},
             {"name": "tokens", "description": "API tokens (admin)."},
+            {"name": "webhooks", "description": "A batch's events and their delivery log."},
         ],
         "paths": paths,
         "components": {

@@ -15,7 +15,16 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from imagestream.common import control, ledger, messages, observe, providers, streams, tokens
+from imagestream.common import (
+    control,
+    ledger,
+    messages,
+    observe,
+    providers,
+    streams,
+    tokens,
+    webhooks,
+)
 from imagestream.common.connections import Resources
 
 from . import params
@@ -189,6 +198,7 @@ class System:
                         if r["last_used_at"]
                         else None,
                         "revoked_at": r["revoked_at"].isoformat() if r["revoked_at"] else None,
+                        "has_webhook_secret": r["has_webhook_secret"],
                     }
                     for r in rows
                 ]
@@ -196,13 +206,21 @@ class System:
         )
 
     async def create_token(self, request: web.Request) -> web.Response:
-        body = params.only(await params.json_body(request), "name", "role")
+        body = params.only(await params.json_body(request), "name", "role", "webhook_secret")
         name, role = body.get("name"), body.get("role")
         if not isinstance(name, str) or not name.strip() or len(name) > 100:
             raise bad_request("name must be a text of 1 to 100 characters")
         if role not in tokens.ROLES:
             raise bad_request(f"role must be one of {', '.join(tokens.ROLES)}")
-        token_id, secret = await tokens.create(self.res.pool, name.strip(), role)
+        hook_secret = body.get("webhook_secret")
+        if "webhook_secret" in body:
+            try:
+                webhooks.secret_key(hook_secret if isinstance(hook_secret, str) else "")
+            except webhooks.WebhookError as exc:
+                raise bad_request(f"webhook_secret: {exc}") from None
+        token_id, secret = await tokens.create(
+            self.res.pool, name.strip(), role, webhook_secret=hook_secret
+        )
         log.info("token created", extra={"token_id": token_id, "role": role})
         return json_response(
             {"id": token_id, "name": name.strip(), "role": role, "token": secret}, status=201

@@ -241,6 +241,8 @@ function uploadPanel() {
   const budget = h("input", { id: "budget", type: "number", min: "0.01", step: "0.01", placeholder: "no limit", disabled: true });
   const mode = h("select", { id: "mode", disabled: true, title: "Batch API: half the price, answered within hours" },
     h("option", { value: "standard", text: "Standard (now)" }), h("option", { value: "batch", text: "Batch API (½ price, hours)" }));
+  const webhook = h("input", { id: "webhook-url", type: "url", maxlength: "2000", placeholder: "https://… (optional)", title: "POST the batch's events here (completed, failed, paused, cancelled, export completed), signed" });
+  const secretBox = h("div");
   const go = h("button", { class: "primary", type: "submit", disabled: true, id: "start-batch" }, "Start batch");
   const progress = h("div", { hidden: true }, bar([["accent", 0]]));
   const modelFields = [
@@ -274,7 +276,8 @@ function uploadPanel() {
     h("div", { class: "form-row" },
       h("label", { class: "field wide" }, "Name", name),
       h("label", { class: "field" }, "Analyzer", analyzer),
-      modelFields),
+      modelFields,
+      h("label", { class: "field wide" }, "Webhook URL", webhook)),
     h("datalist", { id: "profiles" }, h("option", { value: "describe" }), h("option", { value: "moderation" })),
     h("div", { class: "actions" }, go, progress));
   form.addEventListener("submit", (event) => {
@@ -284,6 +287,7 @@ function uploadPanel() {
     data.append("file", file, file.name);
     data.append("batch_name", name.value.trim() || file.name);
     data.append("analyzer", analyzer.value);
+    if (webhook.value.trim()) data.append("webhook_url", webhook.value.trim());
     if (chosen().paid) {
       if (profile.value.trim()) data.append("profile", profile.value.trim());
       if (model.value.trim()) data.append("model", model.value.trim());
@@ -302,7 +306,14 @@ function uploadPanel() {
       progress.hidden = true;
       let body = {};
       try { body = JSON.parse(xhr.responseText); } catch { /* empty */ }
-      if (xhr.status === 201) {
+      if (xhr.status === 201 && body.webhook_secret) {
+        // A secret generated for the batch's webhooks is in this reply only: show it here.
+        toast(`Batch “${body.name}” created`);
+        const copy = h("button", { class: "small", type: "button", onclick: async () => { await navigator.clipboard.writeText(body.webhook_secret); toast("Copied"); } }, "Copy");
+        secretBox.replaceChildren(h("div", { class: "secret" },
+          h("strong", { text: "Webhook secret, shown once:" }), h("code", { id: "webhook-secret", text: body.webhook_secret }), copy,
+          h("a", { href: `#/batches/${body.id}`, text: "Open the batch" })));
+      } else if (xhr.status === 201) {
         toast(`Batch “${body.name}” created`);
         location.hash = `#/batches/${body.id}`;
       } else {
@@ -315,7 +326,7 @@ function uploadPanel() {
     progress.hidden = false;
     xhr.send(data);
   });
-  return h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "New batch" })), zone, form);
+  return h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "New batch" })), zone, form, secretBox);
 }
 
 function renderBatches() {
