@@ -8,7 +8,7 @@ import asyncpg
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
-from imagestream.common import ledger, streams
+from imagestream.common import ledger, streams, webhooks
 from imagestream.common.connections import redis_client
 from imagestream.common.keys import GROUPS, Keys
 from imagestream.common.observe import (
@@ -68,6 +68,27 @@ async def test_batch_numbers(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> No
     done = await collect(redis, pool, keys)
     assert done.batches == {"completed": 1}
     assert done.active_items["remaining"] == 0 and done.budget_used_max_ratio == 0
+
+
+async def test_webhook_backlog(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> None:
+    assert (await collect(redis, pool, keys)).webhook_events_pending == 0
+    batch_id = await ledger.create_batch(
+        pool,
+        ledger.NewBatch(
+            name="hooked",
+            pipeline=keys.prefix,
+            webhook_url="http://127.0.0.1:9/hooks",
+            webhook_secret=webhooks.new_secret(),
+        ),
+    )
+    await ledger.fail_batch(pool, batch_id, "cannot read the list")
+    await pool.execute(
+        "UPDATE webhook_events SET created_at = now() - interval '2 hours' WHERE batch_id = $1",
+        batch_id,
+    )
+    snapshot = await collect(redis, pool, keys)
+    assert snapshot.webhook_events_pending == 1
+    assert 7100 < snapshot.webhook_oldest_pending_age_s < 7300
 
 
 async def test_one_collector_at_a_time(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> None:

@@ -87,6 +87,9 @@ class Snapshot:
     active_cost_usd: float
     budget_used_max_ratio: float
     database_bytes: int
+    #: Webhook events of this deployment not delivered yet, and the age of the oldest.
+    webhook_events_pending: int
+    webhook_oldest_pending_age_s: float
     taken_at: float = field(default_factory=time.time)
 
 
@@ -201,11 +204,35 @@ async def collect_ledger(
     return batches, items, row["cost"], row["budget_ratio"], int(row["database_bytes"])
 
 
-async def collect(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> Snapshot:
-    (streams, dead, memory), (batches, items, cost, ratio, db_bytes) = await asyncio.gather(
-        collect_streams(redis, keys), collect_ledger(pool, keys.prefix)
+async def collect_webhooks(pool: asyncpg.Pool, pipeline: str) -> tuple[int, float]:
+    """Webhook events the pipeline's api processes have not delivered yet, and the age of
+    the oldest (seconds; 0 if none): a receiver that is down shows as a growing age."""
+    row = await pool.fetchrow(
+        """
+        SELECT count(*) AS pending,
+               coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_s
+        FROM webhook_events WHERE pipeline = $1 AND state = 'pending'
+        """,
+        pipeline,
     )
-    return Snapshot(streams, dead, memory, batches, items, cost, ratio, db_bytes)
+    assert row is not None
+    return int(row["pending"]), float(row["oldest_s"])
+
+
+async def collect(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> Snapshot:
+    (
+        (streams, dead, memory),
+        (batches, items, cost, ratio, db_bytes),
+        (hooks_pending, hooks_oldest_s),
+    ) = await asyncio.gather(
+        collect_streams(redis, keys),
+        collect_ledger(pool, keys.prefix),
+        collect_webhooks(pool, keys.prefix),
+    )
+    return Snapshot(
+        streams, dead, memory, batches, items, cost, ratio, db_bytes, hooks_pending,
+        hooks_oldest_s,
+    )  # fmt: skip
 
 
 class PipelineCollector(Collector):
@@ -273,6 +300,16 @@ class PipelineCollector(Collector):
             "imagestream_postgres_database_size_bytes",
             "Size of the ledger's database.",
             snap.database_bytes,
+        )
+        yield _gauge(
+            "imagestream_webhook_events_pending",
+            "Webhook events of this deployment not delivered (nor given up) yet.",
+            snap.webhook_events_pending,
+        )
+        yield _gauge(
+            "imagestream_webhook_oldest_pending_age_seconds",
+            "Age of the oldest webhook event not delivered yet (0 if none).",
+            snap.webhook_oldest_pending_age_s,
         )
         yield _gauge(
             "imagestream_observer_snapshot_timestamp_seconds",
