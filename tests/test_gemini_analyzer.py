@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 
 from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
 from imagestream.analyzer.service import Analyzer, AnalyzerSettings, create_providers, load_settings
-from imagestream.common import control, ledger, messages, pricing, profiles, providers
+from imagestream.common import control, ledger, messages, pricing, profiles, providers, webhooks
 from imagestream.common.connections import Resources, redis_client
 from imagestream.common.inputs import Row
 from imagestream.common.worker import Out
@@ -404,12 +404,24 @@ async def test_budget_pauses_the_batch_before_it_is_exceeded(rig: Rig) -> None:
         price, input_tokens=math.ceil(prompt_tokens * 1.1) + 16, output_tokens=400
     )
     items = await rig.batch([rig.image(i) for i in range(10)], budget_usd=str(budget))
+    batch_id = uuid.UUID(items[0].task.batch_id)
+    await rig.res.pool.execute(  # a receiver is told (webhooks.py)
+        "UPDATE batches SET webhook_url = 'http://127.0.0.1:9/hooks', webhook_secret = $2"
+        " WHERE id = $1",
+        batch_id,
+        webhooks.new_secret(),
+    )
     statuses = [(await rig.run([item]))[0].status for item in items]
     done = statuses.count("succeeded")
     assert 1 <= done < 10 and statuses == ["succeeded"] * done + ["requeued"] * (10 - done)
-    batch_id = uuid.UUID(items[0].task.batch_id)
     batch = await ledger.batch(rig.res.pool, batch_id)
     assert (batch["state"], batch["state_reason"]) == ("paused", "budget_reached")
+    [event] = await rig.res.pool.fetch(
+        "SELECT type, payload FROM webhook_events WHERE batch_id = $1", batch_id
+    )
+    assert event["type"] == "batch.paused"
+    assert event["payload"]["data"]["reason"] == "budget_reached"
+    assert event["payload"]["data"]["cost_usd"] == pytest.approx(float(batch["cost_usd"]))
     assert await rig.res.redis.hget(rig.res.keys.halted, str(batch_id)) == b"paused"
     spent = float(batch["cost_usd"])
     # Under the budget, and stopped only because the next call could have passed it.

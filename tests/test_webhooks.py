@@ -2,7 +2,8 @@
 as Standard Webhooks (checked by the reference verifier), delivered in order per batch to
 a receiver on 127.0.0.1 that fails its first answers and is down for a while, retried with
 back-off, given up after the maximum age, and sent again (same webhook-id) after the
-delivering process died mid-attempt."""
+delivering process died mid-attempt. None of it touches Redis: the outbox and the
+deliverer live in PostgreSQL alone, so a Redis loss cannot lose or stall an event."""
 
 from __future__ import annotations
 
