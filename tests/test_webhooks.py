@@ -277,3 +277,24 @@ async def test_the_guard_refuses_a_private_receiver(pool: asyncpg.Pool, prefix: 
     assert attempts[0]["error"].startswith("blocked:") and "loopback" in attempts[0]["error"]
     assert event["state"] == "pending" and receiver.accepted == []
     assert event["url"] == receiver.url
+
+
+async def test_an_event_that_cannot_be_signed_fails_at_once(
+    pool: asyncpg.Pool, prefix: str
+) -> None:
+    async with receiving(webhooks.new_secret()) as receiver:
+        batch_id = await ledger.create_batch(
+            pool, ledger.NewBatch(name="unsigned", pipeline=prefix, webhook_url=receiver.url)
+        )
+        await complete(pool, batch_id)
+        async with delivering(pool, prefix):
+
+            async def finished() -> bool:
+                [event] = await events_of(pool, batch_id)
+                return bool(event["state"] != "pending")
+
+            await wait_for(finished, timeout=10)
+    [(event, attempts)] = await webhooks.batch_events(pool, batch_id, 1)
+    assert event["state"] == "failed" and len(attempts) == 1
+    assert attempts[0]["error"] == "the batch has no usable webhook secret"
+    assert receiver.accepted == [] and receiver.forged == 0  # nothing unsigned was sent
