@@ -20,11 +20,13 @@ import asyncio
 import io
 import math
 import statistics
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
+import msgspec
 from PIL import Image
 from prometheus_client import Counter
 
@@ -33,7 +35,13 @@ from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.messages import ImageFacts, Usage
-from imagestream.common.providers import Check, EstimateRequest, ProviderEstimate, guarded
+from imagestream.common.providers import (
+    Check,
+    EstimateRequest,
+    ProviderEstimate,
+    failure_reason,
+    guarded,
+)
 
 from ..answers import InvalidOutput
 from ..budget import Budgets
@@ -153,6 +161,33 @@ class Choice:
     model: str
     price: pricing.Price
     schema: dict[str, Any]
+
+
+class KeyedSettingsStruct(msgspec.Struct, kw_only=True, frozen=True):
+    """What the settings struct of a keyed provider (fields ``<prefix>_api_keys``,
+    ``<prefix>_rpm``..., ``<prefix>_model``) does with them; the subclass adds its fields
+    and its ``prices`` and ``choose``."""
+
+    prefix: ClassVar[str]
+    #: A directory of extra analysis profiles (*.json).
+    profiles_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.keyed().check()
+        try:
+            self.prices()
+        except pricing.PriceError as exc:
+            raise ValueError(str(exc)) from None
+
+    def keyed(self) -> KeyedConfig:
+        return KeyedConfig.of(self, self.prefix)
+
+    @property
+    def default_model(self) -> str:
+        return str(getattr(self, f"{self.prefix}_model"))
+
+    def prices(self) -> dict[str, pricing.Price]:
+        raise NotImplementedError
 
 
 class KeyedSettings(Protocol):
@@ -391,6 +426,43 @@ class KeyedProvider(Generic[Settings, Client, Answer]):
     async def close(self) -> None:
         for key in self.pool.all_keys():
             await self.close_client(key.client)
+
+
+class StainlessProvider(KeyedProvider[Settings, Client, Answer]):
+    """A keyed provider over an SDK Stainless generates (openai, anthropic): its verdicts
+    come from ``errors`` and its clients close alike."""
+
+    errors: ClassVar[HttpErrors]
+    #: Who refused a request a 4xx answered ("Anthropic refused the request").
+    refused: ClassVar[str]
+
+    def classify(self, exc: Exception) -> Failure | None:
+        return self.errors.classify(exc, self.refused, self.settings.keyed().timeout_s)
+
+    async def close_client(self, client: Client) -> None:
+        await cast(Any, client).close()
+
+
+#: What a key check's failure status says, whatever the provider.
+KEY_HINTS = {
+    401: "the key is not valid",
+    403: "the key is not allowed",
+    429: "the key is out of quota now",
+}
+
+
+async def probe_key(
+    name: str, probe: Awaitable[str], errors: HttpErrors, hints: Mapping[int, str] | None = None
+) -> Check:
+    """One ``doctor`` row: ``probe`` (a call that spends no tokens) says what it found."""
+    started = time.perf_counter()
+    try:
+        found = await probe
+    except errors.status as exc:
+        hint = {**KEY_HINTS, **(hints or {})}.get(cast(Any, exc).status_code)
+        reason = failure_reason(exc)
+        return Check(name, "fail", f"{hint}: {reason}" if hint else reason)
+    return Check(name, "ok", f"{found} in {1000 * (time.perf_counter() - started):.0f} ms")
 
 
 async def check_keys(

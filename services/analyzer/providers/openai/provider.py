@@ -27,7 +27,6 @@ from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-import msgspec
 import openai
 from openai.types.chat import ChatCompletion
 from prometheus_client import Counter
@@ -36,8 +35,14 @@ from imagestream.common import pricing, profiles
 from imagestream.common.messages import Usage
 
 from ...answers import InvalidOutput, check, decode
-from ...calls import Failure
-from ..keyed import Choice, HttpErrors, KeyedConfig, KeyedProvider, image_mime, image_size
+from ..keyed import (
+    Choice,
+    HttpErrors,
+    KeyedSettingsStruct,
+    StainlessProvider,
+    image_mime,
+    image_size,
+)
 from . import pricing as openai_pricing
 from .schema import drop_added_nulls, strict_schema
 
@@ -59,8 +64,10 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-class OpenAISettings(msgspec.Struct, kw_only=True, frozen=True):
+class OpenAISettings(KeyedSettingsStruct, kw_only=True, frozen=True):
     """Settings of the OpenAI-compatible provider (docs/PROVIDERS.md)."""
+
+    prefix = "openai"
 
     #: API keys, comma-separated; KEY@PROJECT groups keys that share one quota. A local
     #: server that checks no key still needs one here (any text). Empty: not available.
@@ -86,27 +93,12 @@ class OpenAISettings(msgspec.Struct, kw_only=True, frozen=True):
     openai_quarantine_s: float = 3600.0
     openai_max_inflight: int = 256
     openai_prices_file: str | None = None
-    profiles_dir: str | None = None
     #: Batch-price mode (the Batch API): most requests in one job, how long a job waits for
     #: more after its first, how often running jobs are polled (s), and jobs per project.
     openai_batch_max_requests: int = 1000
     openai_batch_linger_s: float = 30.0
     openai_batch_poll_s: float = 30.0
     openai_batch_max_jobs: int = 100
-
-    def __post_init__(self) -> None:
-        self.keyed().check()
-        try:
-            self.prices()
-        except pricing.PriceError as exc:
-            raise ValueError(str(exc)) from None
-
-    def keyed(self) -> KeyedConfig:
-        return KeyedConfig.of(self, "openai")
-
-    @property
-    def default_model(self) -> str:
-        return self.openai_model
 
     @property
     def self_hosted(self) -> bool:
@@ -171,8 +163,20 @@ def duration_s(text: str) -> float | None:
     return sum(float(number) * _UNIT_S[unit] for number, unit in parts)
 
 
-class OpenAIProvider(KeyedProvider[OpenAISettings, openai.AsyncOpenAI, ChatCompletion]):
+ERRORS = HttpErrors(
+    status=openai.APIStatusError,
+    timeout=openai.APITimeoutError,
+    connection=openai.APIConnectionError,
+    validation=openai.APIResponseValidationError,
+    retry_hint=retry_hint,
+    unreadable="the server's answer is not a chat completion",
+)
+
+
+class OpenAIProvider(StainlessProvider[OpenAISettings, openai.AsyncOpenAI, ChatCompletion]):
     name = "openai"
+    errors = ERRORS
+    refused = "the server refused the request"
     label = "the server"
     requests = REQUESTS
     cost = COST
@@ -227,28 +231,11 @@ class OpenAIProvider(KeyedProvider[OpenAISettings, openai.AsyncOpenAI, ChatCompl
             raise ValueError("not JSON")
         return completion
 
-    def classify(self, exc: Exception) -> Failure | None:
-        refused = "the server refused the request"
-        return ERRORS.classify(exc, refused, self.settings.openai_timeout_s)
-
     def usage_of(self, answer: ChatCompletion, price: pricing.Price, mode: pricing.Mode) -> Usage:
         return usage_of(answer, price, mode)
 
     def read(self, answer: ChatCompletion, choice: Choice) -> dict[str, Any]:
         return read(answer, choice)
-
-    async def close_client(self, client: openai.AsyncOpenAI) -> None:
-        await client.close()
-
-
-ERRORS = HttpErrors(
-    status=openai.APIStatusError,
-    timeout=openai.APITimeoutError,
-    connection=openai.APIConnectionError,
-    validation=openai.APIResponseValidationError,
-    retry_hint=retry_hint,
-    unreadable="the server's answer is not a chat completion",
-)
 
 
 def usage_of(
