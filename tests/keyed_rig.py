@@ -10,9 +10,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from imagestream.analyzer.providers.keyed import KeyedProvider
 from imagestream.analyzer.service import Analyzer, create_providers, load_settings
-from imagestream.common import messages
+from imagestream.common import messages, pricing
 from imagestream.common.connections import Resources
 from imagestream.devtools.emulator_core import EmulatorCore
 
@@ -75,3 +77,20 @@ async def keyed_rig(
         finally:
             for provider in made.values():
                 await provider.close()
+
+
+def assert_billed(
+    results: list[messages.ItemResult], price: pricing.Price, mode: pricing.Mode = "standard"
+) -> None:
+    """Every result carries tokens, and costs them at the price (half in batch mode)."""
+    for result in results:
+        usage = result.usage
+        assert usage is not None and usage.input_tokens > 0 and usage.output_tokens > 0
+        expected = pricing.cost_usd(
+            price,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens + usage.thought_tokens,
+            cached_tokens=usage.cached_tokens,
+            mode=mode,
+        )
+        assert usage.cost_usd == pytest.approx(expected) and usage.cost_usd > 0

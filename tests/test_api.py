@@ -242,6 +242,8 @@ async def test_streamed_upload_is_cut_off_at_the_limit(
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"mode": "batch"}, 400, "bad_request"),
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "gemini", "mode": "cheap"}, 400, "bad_request"),
         (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "openai", "model": "llava"}, 400, "bad_request"),
+        (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "anthropic", "model": "claude-9"}, 400, "bad_request"),
+        (b"url\nhttp://127.0.0.1/a.jpg\n", "u.csv", {"analyzer": "anthropic", "profile": "nope"}, 400, "bad_request"),
     ],
 )  # fmt: skip
 async def test_bad_uploads_say_why(
@@ -471,6 +473,7 @@ async def test_system_status(api: Api) -> None:
         "modes": ["standard"], "keyed": False,
     }  # fmt: skip
     assert offered["gemini"]["modes"] == ["standard", "batch"]
+    assert offered["anthropic"]["modes"] == ["standard", "batch"] and offered["anthropic"]["paid"]
     assert offered["gemini"]["keys"] == [
         {"key": "k-1a2b", "project": "p1", "state": "ok", "rpm": {"used": 12, "limit": 600}}
     ]
@@ -510,3 +513,11 @@ async def test_dead_stream_replay_and_discard(api: Api, images: ImageServer) -> 
     assert result == {"discarded": 1}
     status, body = await post(api, "/api/v1/dead/replay", {"ids": ["nonsense"]})
     assert_error(status, body, 400, "bad_request")
+
+
+async def test_an_unknown_anthropic_model_is_refused_naming_the_known_ones(api: Api) -> None:
+    data = b"url\nhttp://127.0.0.1/a.jpg\n"
+    status, body = await upload(api, data, analyzer="anthropic", model="claude-9")
+    assert_error(status, body, 400, "bad_request")
+    message = body["error"]["message"]
+    assert "claude-9" in message and "claude-haiku-4-5" in message and "\n" not in message

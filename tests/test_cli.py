@@ -80,9 +80,11 @@ async def test_analyze_a_folder_of_images(
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "magic"], {}, 2, "analyzer must be one of"),
         (["analyze", "{list}", "--webhook-url", "http://10.0.0.1/h"], {}, 2, "webhook: address 10.0.0.1 is not public"),
         (["analyze", "{list}", "-o", "x.csv", "--long-side", "5"], {}, 2, "long_side must be"),
-        (["analyze", "{list}", "-o", "x.csv", "--mode", "batch"], {}, 2, "mode batch (a Batch API) needs analyzer gemini"),
+        (["analyze", "{list}", "-o", "x.csv", "--mode", "batch"], {}, 2, "mode batch (a Batch API) needs analyzer anthropic or gemini or openai"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "openai"], {}, 2, "analyzer openai is not configured here: set OPENAI_API_KEYS"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "openai", "--model", "llava"], {"OPENAI_API_KEYS": "sk-x"}, 2, "no price for model 'llava': add it to OPENAI_PRICES_FILE"),
+        (["analyze", "{list}", "-o", "x.csv", "--analyzer", "anthropic"], {}, 2, "analyzer anthropic is not configured here: set ANTHROPIC_API_KEYS"),
+        (["analyze", "{list}", "-o", "x.csv", "--analyzer", "anthropic", "--model", "claude-9"], {"ANTHROPIC_API_KEYS": "sk-x"}, 2, "no price for model 'claude-9': add it to ANTHROPIC_PRICES_FILE (known: claude-3-5-haiku"),
     ],
 )  # fmt: skip
 async def test_bad_input_gets_one_line_and_an_exit_status(

@@ -435,7 +435,7 @@ def test_mode_is_checked_when_the_batch_is_made() -> None:
     chosen = providers.resolve_batch({"analyzer": "gemini", "mode": "batch"})
     assert chosen.options == {"mode": "batch"}
     assert providers.resolve_batch({"analyzer": "gemini", "mode": "standard"}).options == {}
-    with pytest.raises(profiles.ProfileError, match="needs analyzer gemini"):
+    with pytest.raises(profiles.ProfileError, match=r"needs analyzer .*gemini"):
         providers.resolve_batch({"analyzer": "local", "mode": "batch"})
     with pytest.raises(profiles.ProfileError, match="mode must be one of standard, batch"):
         providers.resolve_batch({"analyzer": "gemini", "mode": "cheap"})

@@ -155,10 +155,12 @@ def test_batch_choices_name_what_is_wrong() -> None:
     assert config.choose(None, "gpt-4o").price == openai_pricing.PRICES["gpt-4o"]
     batch = providers.resolve_batch({"analyzer": "openai", "mode": "batch"}, env=env)
     assert batch.options == {"mode": "batch"}
-    with pytest.raises(profiles.ProfileError, match=r"needs analyzer gemini or openai"):
+    with pytest.raises(
+        profiles.ProfileError, match=r"needs analyzer anthropic or gemini or openai"
+    ):
         providers.resolve_batch({"analyzer": "local", "mode": "batch"}, env=env)
     with pytest.raises(
-        profiles.ProfileError, match="analyzer must be one of local, gemini, openai"
+        profiles.ProfileError, match="analyzer must be one of local, anthropic, gemini, openai"
     ):
         providers.resolve_batch({"analyzer": "claude"}, env=env)
     with pytest.raises(profiles.ProfileError, match="not configured here: set OPENAI_API_KEYS"):
