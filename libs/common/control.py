@@ -8,6 +8,7 @@ every ``ttl_s`` (0.5 s), which bounds how long a pause takes to reach every repl
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections import OrderedDict
@@ -53,14 +54,21 @@ class HaltedBatches:
     ttl_s: float = 0.5
     _states: dict[str, str] = field(default_factory=dict)
     _fetched_at: float = 0.0
+    _refresh: asyncio.Task[None] | None = None
 
     async def state(self, batch_id: str) -> str | None:
-        now = time.monotonic()
-        if now - self._fetched_at > self.ttl_s:
-            raw = await self.redis.hgetall(self.keys.halted)
-            self._states = {_text(k): _text(v) for k, v in raw.items()}
-            self._fetched_at = now
+        if time.monotonic() - self._fetched_at > self.ttl_s:
+            # One read for all the handlers that find the copy stale at the same moment
+            # (a fetcher holds hundreds), not one HGETALL each.
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.ensure_future(self._read())
+            await asyncio.shield(self._refresh)
         return self._states.get(batch_id)
+
+    async def _read(self) -> None:
+        raw = await self.redis.hgetall(self.keys.halted)
+        self._states = {_text(k): _text(v) for k, v in raw.items()}
+        self._fetched_at = time.monotonic()
 
 
 @dataclass(frozen=True, slots=True)
