@@ -28,7 +28,7 @@ import orjson
 from prometheus_client import Counter
 from redis.exceptions import LockError
 
-from imagestream.common import control, ledger, messages, storage, streams
+from imagestream.common import control, db, ledger, messages, storage, streams
 from imagestream.common.connections import Resources
 from imagestream.common.inputs import InputError, ListParser, Reject, Row
 from imagestream.common.keys import GROUPS
@@ -174,7 +174,9 @@ async def ingest_list(
             async with res.pool.acquire() as conn:
                 await ledger.finish_ingest(conn, batch_id, parser.format or "txt", parser.columns)
         finally:
-            await lock_conn.execute("SELECT pg_advisory_unlock(hashtext($1))", str(batch_id))
+            await db.release_advisory_lock(
+                lock_conn, "SELECT pg_advisory_unlock(hashtext($1))", str(batch_id)
+            )
     log.info(
         "list ingested",
         extra={
