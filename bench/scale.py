@@ -1,6 +1,6 @@
 """One batch of 1,000,000 URLs of tiny images: ingest rate, Redis memory, end-to-end rate.
 
-    uv run python bench/scale.py [--urls 1000000] [--fetchers 1]
+    uv run python bench/scale.py [--urls 1000000] [--fetchers 1] [--analyzers 1] [--writers 1]
 
 Everything runs against a redis-server started by the benchmark (so its memory is ours
 alone) and a scratch PostgreSQL database; images are served on 127.0.0.1 by a separate
@@ -11,6 +11,9 @@ process (256 distinct tiny PNGs behind a million URLs). Measured:
 * Redis ``used_memory`` sampled every 0.25 s for the whole run, peak minus idle (idle:
   after the services connected, before the batch);
 * end to end: from resume to the last item terminal, services as processes;
+* CPU per item over the end-to-end span: each stage's processes (the fetcher with its
+  decode workers), the redis-server, the database's PostgreSQL backends and the image
+  server, so the next bottleneck is visible;
 * writer: ``ledger.apply_results`` alone on synthetic results, in bulks of 500.
 """
 
@@ -19,20 +22,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import shutil
 import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import free_port, machine, scratch_database, table
+from _common import cpu_by_stage, free_port, machine, scratch_database, table, wait_alive
 
 from imagestream.common import control, db, ledger, messages, streams
 from imagestream.common.connections import redis_client
 from imagestream.common.keys import Keys
 from imagestream.devtools import corpus
-from imagestream.devtools.processes import Fleet, RedisServer, service_env
+from imagestream.devtools.processes import (
+    Fleet,
+    RedisServer,
+    process_tree_cpu_seconds,
+    service_env,
+)
 
 VARIANTS = 256
 
@@ -67,8 +77,19 @@ async def used_memory(redis: object) -> int:
     return int(info["used_memory"])
 
 
+async def postgres_cpu(pool: Any) -> dict[int, float]:
+    """CPU seconds so far of each PostgreSQL backend serving this database, by pid."""
+    pids = await pool.fetch("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+    return {r["pid"]: process_tree_cpu_seconds(r["pid"]) for r in pids}
+
+
 async def run(
-    args: argparse.Namespace, database_url: str, redis_url: str, image_port: int, workdir: Path
+    args: argparse.Namespace,
+    database_url: str,
+    redis_url: str,
+    image_port: int,
+    workdir: Path,
+    others: dict[str, int],
 ) -> list[list[object]]:
     prefix = "scale"
     keys = Keys(prefix)
@@ -85,7 +106,13 @@ async def run(
         await db.migrate(conn)
     redis = redis_client(redis_url)
     fleet = Fleet(env, workdir)
-    for stage in ["ingest", *(["fetcher"] * args.fetchers), "analyzer", "writer"]:
+    stages = [
+        "ingest",
+        *["fetcher"] * args.fetchers,
+        *["analyzer"] * args.analyzers,
+        *["writer"] * args.writers,
+    ]
+    for stage in stages:
         fleet.start(stage)
     samples: list[int] = []
     sampling = True
@@ -96,7 +123,7 @@ async def run(
             await asyncio.sleep(0.25)
 
     try:
-        await asyncio.sleep(4)  # services connect and create their groups
+        await wait_alive(redis, keys, stages)  # services connected, groups created
         idle = await used_memory(redis)
         sampler = asyncio.create_task(sample())
         listing = "".join(
@@ -122,6 +149,9 @@ async def run(
         assert total == args.urls, total
 
         started = time.perf_counter()
+        cpu_before = cpu_by_stage(fleet.services)
+        cpu_before |= {name: process_tree_cpu_seconds(pid) for name, pid in others.items()}
+        pg_before = await postgres_cpu(pool)
         await control.resume(redis, keys, pool, batch_id)
         last_report = started
         while True:
@@ -134,6 +164,9 @@ async def run(
                 print(f"  {done}/{total} after {last_report - started:.0f} s", file=sys.stderr)
             await asyncio.sleep(0.5)
         e2e_s = time.perf_counter() - started
+        cpu_after = cpu_by_stage(fleet.services)
+        cpu_after |= {name: process_tree_cpu_seconds(pid) for name, pid in others.items()}
+        pg_after = await postgres_cpu(pool)
         sampling = False
         await sampler
         assert row["succeeded"] == args.urls, dict(row)
@@ -143,6 +176,21 @@ async def run(
     await redis.aclose()
     await pool.close()
     peak = max(samples) - idle
+    cpu = {name: cpu_after[name] - cpu_before[name] for name in cpu_before}
+    # Backends present at both ends (pools keep their connections for the whole run).
+    cpu["postgresql"] = sum(pg_after[p] - pg_before[p] for p in pg_before.keys() & pg_after)
+    per_item = {name: 1000 * seconds / args.urls for name, seconds in cpu.items()}
+    cpu_rows: list[list[object]] = [
+        [f"CPU per item: {name}", f"{ms:.3f} ms", f"{cpu[name] / e2e_s:.2f} cores"]
+        for name, ms in per_item.items()
+    ]
+    cpu_rows.append(
+        [
+            "CPU per item: all of the above",
+            f"{sum(per_item.values()):.3f} ms",
+            f"{sum(cpu.values()) / e2e_s:.2f} cores",
+        ]
+    )
     return [
         ["URLs", f"{args.urls:,}", ""],
         ["ingest into the ledger", f"{args.urls / ingest_s:,.0f} URLs/s", "goal >= 50,000"],
@@ -153,6 +201,7 @@ async def run(
             f"{args.urls / e2e_s:,.0f} items/s",
             f"{e2e_s:,.0f} s",
         ],
+        *cpu_rows,
         ["writer alone (apply_results, bulks of 500)", f"{writer_rows_s:,.0f} rows/s", ""],
     ]
 
@@ -202,6 +251,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--urls", type=int, default=1_000_000)
     parser.add_argument("--fetchers", type=int, default=1)
+    parser.add_argument("--analyzers", type=int, default=1)
+    parser.add_argument("--writers", type=int, default=1)
     args = parser.parse_args()
     image_port = free_port()
     workdir = Path(__file__).parent / ".cache" / f"scale-{uuid.uuid4().hex[:6]}"
@@ -215,14 +266,20 @@ def main() -> None:
     ready.wait(60)
     try:
         with scratch_database() as database_url:
-            rows = asyncio.run(run(args, database_url, redis_server.url, image_port, workdir))
+            assert redis_server.process is not None and server.pid is not None
+            others = {"redis-server": redis_server.process.pid, "image server": server.pid}
+            rows = asyncio.run(
+                run(args, database_url, redis_server.url, image_port, workdir, others)
+            )
     finally:
         server.terminate()
         redis_server.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nmachine: {machine()}")
     print(
-        f"services: ingest, {args.fetchers} fetcher(s), analyzer, writer as processes; local analyzer\n"
+        f"services: ingest, {args.fetchers} fetcher(s), {args.analyzers} analyzer(s),"
+        f" {args.writers} writer(s) as processes; local analyzer;"
+        f" load average {os.getloadavg()[0]:.1f} at the end\n"
     )
     print(table(["measure", "value", "note"], rows))
 
