@@ -186,6 +186,20 @@ async def test_a_batch_with_a_webhook_shows_its_secret_once(
     assert receiver.accepted[0].body["type"] == "batch.completed"
     await page.click("a:has-text('Open the batch')")
     await page.wait_for_url(re.compile(r".*#/batches/[0-9a-f-]{36}$"))
+    # The delivery log, with a Redeliver button for an admin: the receiver gets it again.
+    await page.wait_for_selector("#webhooks td:has-text('batch.completed')")
+    await page.wait_for_selector("#webhooks .badge:has-text('delivered')")
+    await receiver.up()
+    try:
+        await page.click("#webhooks button:has-text('Redeliver')")
+
+        async def again() -> bool:
+            return len(receiver.accepted) == 2
+
+        await wait_for(again, timeout=30)
+    finally:
+        await receiver.down()
+    assert receiver.accepted[0].webhook_id == receiver.accepted[1].webhook_id
     assert problems == []
     await page.close()
 

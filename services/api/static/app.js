@@ -429,6 +429,7 @@ function renderBatch(id) {
       isAdmin() ? h("button", { class: "small", id: "replay-all", onclick: () => replay({}) }, "Replay all failures") : null),
     h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { text: "Error class" }), h("th", { class: "num", text: "Images" }), h("th", {}))), errorsBody)));
   const rejectsPanel = h("section", { class: "panel", hidden: true });
+  const webhooksPanel = h("section", { class: "panel", hidden: true, id: "webhooks" });
 
   async function control(action, label) {
     const result = await act(label, () => api(`${base}/${action}`, { method: "POST" }));
@@ -518,6 +519,32 @@ function renderBatch(id) {
         h("tbody", {}, page.rejects.map((r) => h("tr", {}, h("td", { class: "num", text: r.line }), h("td", { text: r.reason }), h("td", { class: "url hide-narrow", text: r.raw })))))));
   }
 
+  let webhooksTimer = null;
+  async function loadWebhooks() {
+    let page;
+    try { page = await api(`${base}/webhooks`); } catch { return; }
+    clearTimeout(webhooksTimer);  // events go out after the batch ends: follow them until sent
+    if (page.events.some((e) => e.state === "pending")) webhooksTimer = setTimeout(loadWebhooks, 3000);
+    if (!page.webhook_url && !page.events.length) return;
+    const last = (e) => {
+      const d = e.deliveries[e.deliveries.length - 1];
+      return d ? (d.status ? `HTTP ${d.status}` : d.error) : "not tried yet";
+    };
+    webhooksPanel.hidden = false;
+    webhooksPanel.replaceChildren(
+      h("div", { class: "panel-head" }, h("h2", { text: "Webhooks" }), h("span", { class: "muted clip", text: page.webhook_url || "" })),
+      h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, h("th", { text: "Event" }), h("th", { text: "State" }), h("th", { class: "num", text: "Attempts" }), h("th", { class: "hide-narrow", text: "Last answer" }), h("th", {}))),
+        h("tbody", {}, page.events.length ? page.events.map((e) => h("tr", {},
+          h("td", { text: e.type }),
+          h("td", {}, badge(e.state === "delivered" ? "ok" : e.state === "failed" ? "bad" : "queued", e.state)),
+          h("td", { class: "num", text: e.attempts }),
+          h("td", { class: "hide-narrow", text: last(e) }),
+          h("td", {}, isAdmin() ? h("button", { class: "small", onclick: async () => {
+            if (await act("Sent again", () => api(`${base}/webhooks/${e.id}/redeliver`, { method: "POST" }))) loadWebhooks();
+          } }, "Redeliver") : null))) : [h("tr", {}, h("td", { colspan: "5", class: "empty", text: "No event yet: one is sent when the batch completes, fails, pauses or is cancelled." }))]))));
+  }
+
   // Items browser.
   const itemState = { filter: "", after: 0 };
   const itemsBody = h("tbody");
@@ -580,6 +607,7 @@ function renderBatch(id) {
     h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "Pipeline" }), h("span", { class: "muted", text: "all running batches share it" })), stages),
     errorsPanel,
     rejectsPanel,
+    webhooksPanel,
     h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "Images" }), tabs),
       h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { class: "num hide-narrow", text: "Line" }), h("th", { text: "URL" }), h("th", { text: "State" }), h("th", { class: "hide-narrow", text: "Details" }))), itemsBody)),
       h("div", { class: "pager" }, h("span"), more)));
@@ -594,7 +622,7 @@ function renderBatch(id) {
         update(data);
         if (Date.now() - lastItemsRefresh > 5000 && !itemState.after) { lastItemsRefresh = Date.now(); loadItems(true); }
       } else if (event === "pipeline") updateStages(data);
-      else if (event === "end") loadItems(true);
+      else if (event === "end") { loadItems(true); loadWebhooks(); }
     }, (state) => {
       live.className = `live ${state === "on" ? "on" : state === "off" ? "off" : ""}`;
       live.textContent = state === "on" ? "live" : state === "off" ? "reconnecting…" : "finished";
@@ -606,7 +634,8 @@ function renderBatch(id) {
   });
   restartLive();
   loadItems(true);
-  return () => stop();
+  loadWebhooks();
+  return () => { stop(); clearTimeout(webhooksTimer); };
 }
 
 // ------------------------------------------------------------------ system page
