@@ -147,3 +147,28 @@ async def test_analyze_sends_its_webhooks_and_leaves_the_rest_to_the_deployment(
         "SELECT webhook_secret FROM batches WHERE id = $1", row["batch_id"]
     )
     assert shown[0].endswith(batch_secret)
+
+
+async def test_tokens_create_with_a_webhook_secret(
+    redis_url: str, database_url: str, pool: asyncpg.Pool, prefix: str
+) -> None:
+    env = service_env(redis_url, database_url, prefix)
+    secret = webhooks.new_secret()
+    code, out, err = await imagestream(
+        env, "tokens", "create", "--role", "admin", "--name", f"hooks-{prefix}",
+        "--webhook-secret", secret,
+    )  # fmt: skip
+    assert code == 0, err
+    assert secret not in out + err
+    stored = await pool.fetchval(
+        "SELECT webhook_secret FROM api_tokens WHERE name = $1", f"hooks-{prefix}"
+    )
+    assert stored == secret
+    code, out, err = await imagestream(
+        env, "tokens", "create", "--role", "admin", "--name", "x", "--webhook-secret", "whsec_!"
+    )
+    assert code == 2 and out == ""
+    assert (
+        err.strip()
+        == "imagestream: --webhook-secret: a webhook secret is whsec_ followed by base64"
+    )
