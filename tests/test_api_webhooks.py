@@ -185,6 +185,25 @@ async def test_a_name_resolving_to_a_private_address_is_refused(
     assert message.startswith("webhook_url: localhost resolves to non-public 127.0.0.1"), message
 
 
+async def test_the_apis_default_receiver_and_secret(
+    redis_url: str, database_url: str, pool: asyncpg.Pool, images: ImageServer
+) -> None:
+    """WEBHOOK_URL and WEBHOOK_SECRET serve batches that bring neither."""
+    secret = webhooks.new_secret()
+    async with receiving(secret) as receiver:
+        env = FAST | {"WEBHOOK_URL": receiver.url, "WEBHOOK_SECRET": secret}
+        async with running_api(redis_url, database_url, pool, **env) as defaults:
+            status, created = await upload(defaults, listing(images))
+            assert status == 201, created
+            assert created["webhook_url"] == receiver.url and "webhook_secret" not in created
+            status, body = await call(defaults, "POST", f"/api/v1/batches/{created['id']}/pause")
+            assert status == 200 and body["state"] == "paused", body
+            await wait_for(lambda: _count(receiver, 1), timeout=30)
+    assert receiver.forged == 0
+    [got] = receiver.accepted
+    assert got.body["type"] == "batch.paused" and got.body["data"]["reason"] == "paused by user"
+
+
 async def test_an_api_killed_mid_delivery_loses_no_event(
     redis_url: str, database_url: str, pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
