@@ -27,7 +27,9 @@ SAMPLES = corpus.mixed(6, sizes=((40, 30), (80, 60)), formats=("JPEG",), seed=5)
 @pytest.fixture(scope="module")
 async def images() -> AsyncIterator[ImageServer]:
     routes = {s.name: Reply(s.data) for s in SAMPLES}
-    routes |= {f"slow/{s.name}": Reply(s.data, drip_s=0.2) for s in SAMPLES}
+    # Two seconds a download, two at a time: forty of them outlast four CLI calls however
+    # slow a loaded machine starts them (0.2 s did not: the batch ended before its pause).
+    routes |= {f"slow/{s.name}": Reply(s.data, drip_s=2.0) for s in SAMPLES}
     server = ImageServer(routes)
     await server.start()
     yield server
@@ -92,7 +94,6 @@ async def test_submit_watch_replay_export(api: Api, images: ImageServer, tmp_pat
 
 async def test_pause_resume_cancel(api: Api, images: ImageServer, tmp_path: Path) -> None:
     listing = tmp_path / "slow.txt"
-    # Forty slow downloads, two at a time: the batch is still running when cancelled.
     urls = [images.url(f"slow/{SAMPLES[i % 6].name}?copy={i}") for i in range(40)]
     listing.write_text("\n".join(urls) + "\n")
     code, out, err = await cli(api, "submit", str(listing))
