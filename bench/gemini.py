@@ -27,30 +27,31 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
-import io
-import json
-import os
 import secrets
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import asyncpg
+from _analyzer import (
+    emulator_log,
+    key_rates,
+    migrate,
+    service_env,
+    submit,
+    wait_done,
+    wait_listening,
+    write_keys_file,
+)
+from _analyzer import processes as shared_processes
 from _common import REDIS_URL, free_port, machine, scratch_database, table
-from PIL import Image
 
 from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
-from imagestream.common import db, ledger, messages, pricing, profiles, streams
+from imagestream.common import db, pricing, profiles
 from imagestream.common.connections import redis_client
-from imagestream.common.inputs import Row
 from imagestream.common.keys import Keys
 
 OLD_SYSTEM_PER_KEY = 60  # images per minute per key (the seed README)
@@ -59,102 +60,6 @@ SIDE_RUNS = [
     ("moderation", "gemini-2.5-flash-lite"),
     ("moderation", "gemini-2.5-flash"),
 ]
-
-
-def image(index: int, salt: int) -> bytes:
-    """A distinct 160x120 JPEG per index: a colour, and the index and salt as pixels."""
-    img = Image.new("RGB", (160, 120), (index * 7 % 256, index * 13 % 256, index * 29 % 256))
-    for bit in range(32):
-        img.putpixel((bit, 0), (255, 255, 255) if (salt >> bit) & 1 else (0, 0, 0))
-        img.putpixel((bit, 1), (255, 255, 255) if (index >> bit) & 1 else (0, 0, 0))
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
-    return buf.getvalue()
-
-
-async def submit(
-    pool: asyncpg.Pool,
-    redis: Any,
-    keys: Keys,
-    profile: str,
-    model: str,
-    count: int,
-    mode: str = "standard",
-) -> uuid.UUID:
-    """A running batch of ``count`` images waiting in the analyze stream."""
-    batch_id = await ledger.create_batch(
-        pool,
-        ledger.NewBatch(
-            name=f"bench {profile} {model} {mode}",
-            pipeline=keys.prefix,
-            analyzer="gemini",
-            profile=profile,
-            model=model,
-            options={"mode": mode} if mode == "batch" else {},
-        ),
-    )
-    rows = [Row(line=i, url=f"http://127.0.0.1/{i}.jpg", metadata=None) for i in range(count)]
-    async with pool.acquire() as conn:
-        await ledger.insert_items(conn, batch_id, rows)
-        await ledger.start_batch(conn, batch_id)
-        await ledger.finish_ingest(conn, batch_id, "txt", [])
-    ids = await pool.fetch(
-        "UPDATE items SET state = 'analyzing', dispatched_at = now() WHERE batch_id = $1"
-        " RETURNING id, line",
-        batch_id,
-    )
-    salt = secrets.randbits(32)
-    payloads = []
-    async with redis.pipeline(transaction=False) as pipe:
-        for record in ids:
-            data = image(record["line"], salt)
-            sha = hashlib.sha256(data).hexdigest()
-            blob = keys.blob(sha, 768)
-            pipe.set(blob, data, ex=3600)
-            facts = messages.ImageFacts(
-                width=160, height=120, format="JPEG", mode="RGB", bytes=len(data), sha256=sha
-            )
-            task = messages.AnalyzeTask(
-                batch_id=str(batch_id),
-                item_id=record["id"],
-                url=f"http://127.0.0.1/{record['line']}.jpg",
-                facts=facts,
-                blob_key=blob,
-            )
-            payloads.append(messages.encode(task))
-        await pipe.execute()
-    for start in range(0, len(payloads), 1000):
-        await streams.append(redis, keys.analyze, payloads[start : start + 1000])
-    return batch_id
-
-
-async def wait_done(pool: asyncpg.Pool, batch_ids: list[uuid.UUID], label: str) -> float:
-    started = time.monotonic()
-    last_print = 0.0
-    while True:
-        rows = await pool.fetch(
-            "SELECT total, succeeded + failed + skipped + cancelled AS done, state"
-            " FROM batches WHERE id = ANY($1::uuid[])",
-            batch_ids,
-        )
-        total = sum(r["total"] for r in rows)
-        done = sum(r["done"] for r in rows)
-        now = time.monotonic()
-        if now - last_print >= 15:
-            rate = done / (now - started) * 60 if now > started else 0
-            print(f"  {label}: {done}/{total} after {now - started:.0f} s ({rate:.0f}/min)")
-            last_print = now
-        if all(r["state"] in ledger.FINISHED_BATCH_STATES for r in rows):
-            return now - started
-        await asyncio.sleep(1)
-
-
-async def emulator_log(base_url: str) -> list[dict[str, Any]]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{base_url}/_emulator/log") as response,
-    ):
-        return list((await response.json())["log"])
 
 
 @dataclass
@@ -167,28 +72,11 @@ class Setup:
 def setup(args: argparse.Namespace, dsn: str, workdir: Path) -> Setup:
     port = free_port()
     key_names = [f"bench-key-{i + 1}" for i in range(args.keys)]
-    keys_file = workdir / "keys.json"
-    keys_file.write_text(
-        json.dumps(
-            {
-                "key_projects": {k: f"project-{i + 1}" for i, k in enumerate(key_names)},
-                "projects": {
-                    f"project-{i + 1}": {"rpm": args.rpm, "tpm": 4_000_000, "rpd": None}
-                    for i in range(args.keys)
-                },
-            }
-        )
-    )
+    keys_file = write_keys_file(workdir / "keys.json", key_names, args.rpm)
     base_url = f"http://127.0.0.1:{port}"
     prefix = f"bench{secrets.token_hex(3)}"
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("GEMINI_", "REDIS_"))},
-        "IMAGESTREAM_ENV_FILE": "/nonexistent",
-        "REDIS_URL": REDIS_URL,
-        "DATABASE_URL": dsn,
-        "REDIS_PREFIX": prefix,
-        "METRICS_PORT": "0",
-        "LOG_LEVEL": "WARNING",
+        **service_env(dsn, prefix, REDIS_URL, ("GEMINI_",)),
         "GEMINI_API_KEYS": ",".join(f"{k}@project-{i + 1}" for i, k in enumerate(key_names)),
         "GEMINI_BASE_URL": base_url,
         "GEMINI_RPM": str(args.rpm),
@@ -208,8 +96,7 @@ def setup(args: argparse.Namespace, dsn: str, workdir: Path) -> Setup:
     return Setup(base_url, prefix, env)
 
 
-@contextlib.contextmanager
-def processes(setup: Setup, workdir: Path) -> Iterator[None]:
+def processes(setup: Setup, workdir: Path) -> contextlib.AbstractContextManager[None]:
     """The emulator, an analyzer and a writer, each its own process."""
     cli = [sys.executable, "-m", "imagestream.cli"]
     commands = {
@@ -217,21 +104,7 @@ def processes(setup: Setup, workdir: Path) -> Iterator[None]:
         "analyzer": [*cli, "serve", "analyzer"],
         "writer": [*cli, "serve", "writer"],
     }
-    started = []
-    try:
-        for name, command in commands.items():
-            with (workdir / f"{name}.log").open("wb") as log:
-                started.append(
-                    subprocess.Popen(command, env=setup.env, stdout=subprocess.DEVNULL, stderr=log)
-                )
-        yield
-    finally:
-        for process in reversed(started):
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    return shared_processes(commands, setup.env, workdir)
 
 
 async def drive(args: argparse.Namespace, setup: Setup, dsn: str) -> None:
@@ -239,12 +112,7 @@ async def drive(args: argparse.Namespace, setup: Setup, dsn: str) -> None:
     pool = await db.create_pool(dsn, max_size=4)
     keys = Keys(setup.prefix)
     try:
-        for _ in range(300):
-            try:
-                await emulator_log(setup.base_url)
-                break
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.1)
+        await wait_listening(setup.base_url)
         print(f"main run: {args.images} images, describe on gemini-2.5-flash-lite")
         main_id = await submit(pool, redis, keys, "describe", "gemini-2.5-flash-lite", args.images)
         elapsed = await wait_done(pool, [main_id], "describe/flash-lite")
@@ -280,14 +148,6 @@ async def drive(args: argparse.Namespace, setup: Setup, dsn: str) -> None:
     report(args, elapsed, main_log, batches, thoughts)
 
 
-async def migrate(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await db.migrate(conn)
-    finally:
-        await conn.close()
-
-
 def report(
     args: argparse.Namespace,
     elapsed: float,
@@ -297,15 +157,11 @@ def report(
 ) -> None:
     calls = [e for e in log if e["method"] == "generateContent"]
     rows = []
-    for key in sorted({e["key"] for e in calls}):
-        ok = sorted(e["t"] for e in calls if e["key"] == key and e["status"] == 200)
-        refused = sum(e["key"] == key and e["status"] == 429 for e in calls)
-        span = ok[-1] - ok[0] if len(ok) > 1 else float("nan")
-        per_window = (len(ok) - 1) / span * args.window_s  # the quota's "minute"
-        per_minute = per_window * 60 / args.window_s
+    for rate in key_rates(calls, args.window_s):
+        per_minute = rate.per_window * 60 / args.window_s
         rows.append(
-            [key, len(ok), refused, f"{span:.1f}", f"{per_minute:.1f}",
-             f"{per_window / args.rpm:.3f}", f"{per_minute / OLD_SYSTEM_PER_KEY:.1f}x"]
+            [rate.key, rate.answered, rate.refused, f"{rate.span_s:.1f}", f"{per_minute:.1f}",
+             f"{rate.per_window / args.rpm:.3f}", f"{per_minute / OLD_SYSTEM_PER_KEY:.1f}x"]
         )  # fmt: skip
     refused_all = sum(e["status"] == 429 for e in calls)
     print()
