@@ -11,7 +11,7 @@ from imagestream.common.providers import EstimateRequest, ProviderEstimate
 
 from ..keyed import estimate_by_rule
 from . import pricing as anthropic_pricing
-from .provider import settings_from
+from .provider import settings_from, tool_tokens
 
 
 async def estimate(env: Mapping[str, str], request: EstimateRequest) -> ProviderEstimate:
@@ -22,9 +22,7 @@ async def estimate(env: Mapping[str, str], request: EstimateRequest) -> Provider
         config.keyed(),
         choice,
         request,
-        prompt_tokens=pricing.text_tokens(compiled.profile.prompt)
-        + compiled.schema_tokens
-        + anthropic_pricing.FORCED_TOOL_SYSTEM_TOKENS,
+        prompt_tokens=pricing.text_tokens(compiled.profile.prompt) + tool_tokens(choice),
         image_tokens=anthropic_pricing.image_tokens,
         rule="Anthropic's image token rule",
     )

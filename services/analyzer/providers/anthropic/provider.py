@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -189,21 +190,13 @@ class AnthropicProvider(StainlessProvider[AnthropicSettings, anthropic.AsyncAnth
             "messages": [
                 {"role": "user", "content": [image, {"type": "text", "text": profile.prompt}]}
             ],
-            "tools": [
-                {
-                    "name": TOOL_NAME,
-                    "description": f"Record the image's analysis ({choice.compiled.name}).",
-                    "input_schema": choice.schema,
-                }
-            ],
+            "tools": [tool_of(choice)],
             "tool_choice": {"type": "tool", "name": TOOL_NAME},
         }
 
     def input_tokens(self, choice: Choice, data: bytes) -> int:
         image = anthropic_pricing.image_tokens(*image_size(data))
-        prompt = pricing.text_tokens(choice.compiled.profile.prompt)
-        tool = choice.compiled.schema_tokens + anthropic_pricing.FORCED_TOOL_SYSTEM_TOKENS
-        return image + prompt + tool
+        return image + pricing.text_tokens(choice.compiled.profile.prompt) + tool_tokens(choice)
 
     async def send(self, client: anthropic.AsyncAnthropic, request: dict[str, Any]) -> Message:
         message = await client.messages.create(**request)
@@ -216,6 +209,22 @@ class AnthropicProvider(StainlessProvider[AnthropicSettings, anthropic.AsyncAnth
 
     def read(self, answer: Message, choice: Choice) -> dict[str, Any]:
         return read(answer, choice)
+
+
+def tool_of(choice: Choice) -> dict[str, Any]:
+    """The tool the model is made to call: its input is the analysis."""
+    return {
+        "name": TOOL_NAME,
+        "description": f"Record the image's analysis ({choice.compiled.name}).",
+        "input_schema": choice.schema,
+    }
+
+
+def tool_tokens(choice: Choice) -> int:
+    """Input tokens a forced tool adds: its definition, and Anthropic's tool-use system
+    prompt."""
+    definition = json.dumps([tool_of(choice)])
+    return pricing.text_tokens(definition) + anthropic_pricing.FORCED_TOOL_SYSTEM_TOKENS
 
 
 def usage_of(message: Message, price: pricing.Price, mode: pricing.Mode = "standard") -> Usage:
