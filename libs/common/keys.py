@@ -24,6 +24,8 @@ Key layout (``{p}`` is the prefix, setting ``REDIS_PREFIX``, default ``is``)::
     {p}:{provider}:q:{project}:{model}:day:{d}  string  requests of Pacific day d (RPD), TTL 2 d
     {p}:{provider}:q:{project}:{model}:backoff  string  exists while a 429's retry delay runs (PX)
     {p}:observe:lease       string  short lease: one process collects the deployment-wide gauges
+    {p}:duplicates:lease    string  lease: the one writer process grouping near-duplicates
+                                    (duplicates.py; the ledger's row lock keeps groups right)
     {p}:{provider}:status   hash    key short hash -> JSON status of that API key (project,
                                     state, quota used/limits), published by analyzers, shown
                                     by the api's system status (see docs/API.md)
@@ -112,6 +114,10 @@ class Keys:
     @property
     def observe_lease(self) -> str:
         return f"{self.prefix}:observe:lease"
+
+    @property
+    def duplicates_lease(self) -> str:
+        return f"{self.prefix}:duplicates:lease"
 
     def key_status(self, provider: str) -> str:
         return f"{self.prefix}:{provider}:status"

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 from dotenv import dotenv_values
 
-from . import guard, storage, webhooks
+from . import guard, hashindex, storage, webhooks
 
 
 class SettingsError(Exception):
@@ -75,6 +75,10 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
     webhook_concurrency: int = 8
     #: How often a process looks for due events (seconds).
     webhook_poll_s: float = 1.0
+    #: Perceptual hashes at most this many bits apart put images in one near-duplicate
+    #: group (0 = identical hashes only). A batch keeps the distance it was first grouped
+    #: with. Measured in README ("Near-duplicate groups").
+    duplicate_max_distance: int = 8
 
     def __post_init__(self) -> None:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -114,6 +118,10 @@ class CommonSettings(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError("SHUTDOWN_GRACE_S must be > 0")
         if self.observe_interval_s <= 0:
             raise ValueError("OBSERVE_INTERVAL_S must be > 0")
+        if not 0 <= self.duplicate_max_distance <= hashindex.MAX_DISTANCE:
+            raise ValueError(
+                f"DUPLICATE_MAX_DISTANCE must be between 0 and {hashindex.MAX_DISTANCE}"
+            )
 
     def list_buckets(self) -> frozenset[tuple[str, str]]:
         """The buckets an api client's ``list_url`` may name."""

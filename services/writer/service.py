@@ -4,6 +4,9 @@ It reads up to ``WRITE_BULK_SIZE`` results at a time and records them in one
 transaction (result rows through COPY + upsert, item transitions, batch counters). A bulk
 that fails is retried item by item, so one bad result cannot hold the others back: only
 it stays pending, to be redelivered and eventually dead-lettered.
+
+Beside it, off that path, one writer process of the deployment (by lease) groups the new
+results into near-duplicate groups every second (imagestream.common.duplicates).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from imagestream.common import ledger, messages
+from imagestream.common import duplicates, ledger, messages
 from imagestream.common.connections import Resources
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
@@ -85,4 +88,7 @@ async def run(res: Resources, settings: WriterSettings, stop: asyncio.Event) -> 
         on_dead=writer.on_dead,
         bulk_size=settings.write_bulk_size,
     )
-    await worker.run(stop)
+    grouper = duplicates.Grouper(
+        res.pool, res.redis, res.keys, res.keys.prefix, settings.duplicate_max_distance
+    )
+    await asyncio.gather(worker.run(stop), grouper.run(stop))
