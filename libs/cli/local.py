@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from imagestream.common import (
+    duplicates,
     export,
     ledger,
     pricing,
@@ -215,7 +216,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
         written = None
         if options.output is not None and sink is not None:
             written = outputs.results_url(options.output, str(batch_id), sink)
-            await export_results(res, batch_id, written, sink)
+            await export_results(res, batch_id, written, sink, common.duplicate_max_distance)
         errors = await ledger.error_counts(res.pool, batch_id)
     return RunReport(batch, elapsed, errors, written, left)
 
@@ -278,8 +279,12 @@ async def _forget_keys(res: Resources) -> None:
         await res.redis.delete(key)
 
 
-async def export_results(res: Resources, batch_id: uuid.UUID, url: str, sink: export.Sink) -> None:
-    """The batch's results, streamed to one file or object (which appears only when whole)."""
+async def export_results(
+    res: Resources, batch_id: uuid.UUID, url: str, sink: export.Sink, max_distance: int
+) -> None:
+    """The batch's results, streamed to one file or object (which appears only when whole),
+    with every near-duplicate group complete."""
+    await duplicates.finish(res.pool, batch_id, max_distance)
     batch = await ledger.batch(res.pool, batch_id)
     selection = export.Selection(res.pool, batch_id, export.batch_layout(batch))
     await export.write_to(selection, sink, url, export.Written())

@@ -88,6 +88,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument(
         "--field", action="append", default=[], help="condition such as tags:contains:cat"
     )
+    p.add_argument(
+        "--duplicate-group",
+        type=int,
+        metavar="ITEM_ID",
+        help="only this near-duplicate group (the id of its first item)",
+    )
+    p.add_argument(
+        "--duplicates",
+        choices=export.DUPLICATES,
+        help="first: only the first image of each near-duplicate group",
+    )
 
 
 class Client:
@@ -235,6 +246,10 @@ async def export_results(client: Client, args: argparse.Namespace) -> int:
     query: list[tuple[str, str]] = [("format", sink.name)]
     query += [("state", s) for s in args.state] + [("error_class", e) for e in args.error_class]
     query += [("field", f) for f in args.field]
+    if args.duplicate_group is not None:
+        query.append(("duplicate_group", str(args.duplicate_group)))
+    if args.duplicates is not None:
+        query.append(("duplicates", args.duplicates))
     started = time.perf_counter()
     size = 0
     async with client.session() as http:

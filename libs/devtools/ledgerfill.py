@@ -2,7 +2,9 @@
 and benchmarks: any number of items, every tenth failed, realistic result rows.
 
 Rows are made by PostgreSQL itself (``generate_series``), so a million of them take
-seconds. Some input cells are spreadsheet formulas on purpose: exports must defuse them.
+seconds. Every image's content is different (sha256 of its id) and has no perceptual hash,
+so each is its own near-duplicate group, recorded as the grouper would have. Some input
+cells are spreadsheet formulas on purpose: exports must defuse them.
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ async def finished_batch(
         await conn.execute(
             """
             INSERT INTO results (item_id, batch_id, width, height, format, mode, bytes, sha256,
-                                 analyzer, analysis, input_tokens, output_tokens, cost_usd)
+                                 analyzer, analysis, input_tokens, output_tokens, cost_usd,
+                                 duplicate_group)
             SELECT i.id, i.batch_id, 640 + i.line % 640, 480 + i.line % 480, 'JPEG', 'RGB',
                    20000 + i.line % 90000, sha256(int8send(i.id)), 'local',
                    jsonb_build_object(
@@ -85,7 +88,7 @@ async def finished_batch(
                        'category', CASE WHEN i.line % 2 = 0 THEN 'apparel' ELSE 'home' END,
                        'dominant_colors', jsonb_build_array(
                            jsonb_build_object('hex', '#aa3311', 'share', 0.6))),
-                   258, 40, 0.0000418
+                   258, 40, 0.0000418, i.id
             FROM items i WHERE i.batch_id = $1 AND i.state = 'succeeded'
             """,
             batch_id,

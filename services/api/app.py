@@ -121,6 +121,7 @@ def routes(
         (web.get(f"{one}/items", b.items, allow_head=False), "viewer"),
         (web.get(f"{one}/items/{{item_id}}", b.item, allow_head=False), "viewer"),
         (web.get(f"{one}/rejects", b.rejects, allow_head=False), "viewer"),
+        (web.get(f"{one}/duplicates", b.duplicates, allow_head=False), "viewer"),
         (web.get(f"{one}/results", b.results, allow_head=False), "viewer"),
         (web.post(f"{one}/exports", e.create), "admin"),
         (web.get(f"{one}/exports", e.list, allow_head=False), "viewer"),

@@ -21,7 +21,17 @@ from aiohttp import web
 from multidict import MultiDict
 from redis.exceptions import RedisError
 
-from imagestream.common import control, export, ledger, messages, storage, streams, tokens, webhooks
+from imagestream.common import (
+    control,
+    duplicates,
+    export,
+    ledger,
+    messages,
+    storage,
+    streams,
+    tokens,
+    webhooks,
+)
 from imagestream.common.connections import Resources
 from imagestream.common.storage import StorageError
 
@@ -365,9 +375,38 @@ class Batches:
                 },
                 "cost_usd": float(result["cost_usd"]),
                 "cache_hit": result["cache_hit"],
+                "duplicate_group": result["duplicate_group"],
                 "created_at": _iso(result["created_at"]),
             }
         return json_response(body)
+
+    # ------------------------------------------------------------ near-duplicate groups
+    async def duplicates(self, request: web.Request) -> web.Response:
+        """The batch's groups of two or more near-duplicates, in order of their first
+        item, each with its size and first members."""
+        batch_id = self.batch_id(request)
+        query = request.query
+        limit = params.integer(query, "limit", 50, 1, 500)
+        after = params.integer(query, "after", 0, 0, params.MAX_ITEM_ID)
+        members = params.integer(query, "members", 10, 1, 100)
+        await ledger.batch(self.pool, batch_id)
+        await duplicates.finish(self.pool, batch_id, self.settings.duplicate_max_distance)
+        async with self.pool.acquire() as conn:
+            summary = await duplicates.summary(conn, batch_id)
+            groups = await duplicates.groups_page(
+                conn, batch_id, after=after, limit=limit, members=members
+            )
+        return json_response(
+            {
+                "max_distance": summary.max_distance,
+                "groups": summary.groups,
+                "items": summary.items,
+                "pending": summary.pending,
+                "duplicate_groups": groups,
+                "limit": limit,
+                "next_after": groups[-1]["group"] if len(groups) == limit else None,
+            }
+        )
 
     # ------------------------------------------------------------ validation report
     async def rejects(self, request: web.Request) -> web.StreamResponse:
@@ -446,6 +485,7 @@ class Batches:
         sink = params.export_sink(query)
         filters = params.export_filters(query)
         row = await ledger.batch(self.pool, batch_id)
+        await duplicates.finish(self.pool, batch_id, self.settings.duplicate_max_distance)
         selection = export.Selection(self.pool, batch_id, export.batch_layout(row), filters)
         response = self._attachment(row, "results", sink)
         await response.prepare(request)

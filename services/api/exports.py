@@ -154,9 +154,15 @@ class ExportJobs:
     def _filters(body: dict[str, Any]) -> dict[str, Any]:
         """The body's filters, checked as the download's are, in the form jobs keep."""
         query: MultiDict[str] = MultiDict()
+        group = body.get("duplicate_group")
+        if group is not None:
+            if not isinstance(group, int) or isinstance(group, bool):
+                raise bad_request("duplicate_group must be an item id (a whole number)")
+            query.add("duplicate_group", str(group))
         for name in jobs.FILTER_FIELDS:
-            for value in params.strings(body, name):
-                query.add(name, value)
+            if name != "duplicate_group":
+                for value in params.strings(body, name):
+                    query.add(name, value)
         checked = params.export_filters(query)
         return {
             "state": list(checked.states),
@@ -164,6 +170,8 @@ class ExportJobs:
             "field": query.getall("field", []),
             "created_after": _iso(checked.created_after),
             "created_before": _iso(checked.created_before),
+            "duplicate_group": checked.duplicate_group,
+            "duplicates": checked.duplicates,
         }
 
     async def get(self, request: web.Request) -> web.Response:
@@ -195,6 +203,7 @@ class ExportWorker:
         self.pool = pool
         self.pipeline = pipeline
         self.slots = settings.export_jobs
+        self.duplicate_max_distance = settings.duplicate_max_distance
         self.stale_s = settings.export_job_stale_s
         self.heartbeat_s = min(5.0, self.stale_s / 6)
         self.poll_s = min(5.0, self.stale_s / 4)
@@ -238,7 +247,9 @@ class ExportWorker:
     def _start(self, job: asyncpg.Record) -> None:
         job_id: uuid.UUID = job["id"]
         log.info("export job started", extra={"job": str(job_id), "attempt": job["attempts"]})
-        task = asyncio.create_task(jobs.run(self.pool, job, self.name, self.heartbeat_s))
+        task = asyncio.create_task(
+            jobs.run(self.pool, job, self.name, self.heartbeat_s, self.duplicate_max_distance)
+        )
         self.running[job_id] = task
 
         def ended(done: asyncio.Task[None]) -> None:

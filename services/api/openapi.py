@@ -112,6 +112,17 @@ SCHEMAS: dict[str, Schema] = {
     ),
 }
 _UUID = {"type": "string", "format": "uuid"}
+_ITEM_ID = {"type": "integer", "minimum": 1, "maximum": 2**63 - 1}
+_DUPLICATE_GROUP = {
+    **_ITEM_ID,
+    "description": "Only the members of this near-duplicate group (the id of its first item).",
+}
+_DUPLICATES = {
+    "type": "string",
+    "enum": list(export.DUPLICATES),
+    "description": "first: only the first item of each near-duplicate group (one image per"
+    " group; images without near-duplicates included).",
+}
 _STRINGS = {"type": "array", "items": STRING}
 SCHEMAS["ExportJob"] = obj(
     {
@@ -126,6 +137,8 @@ SCHEMAS["ExportJob"] = obj(
                 "field": _STRINGS,
                 "created_after": nullable(TIME),
                 "created_before": nullable(TIME),
+                "duplicate_group": nullable(INTEGER),
+                "duplicates": nullable({"type": "string", "enum": list(export.DUPLICATES)}),
             }
         ),
         "part_rows": nullable(COUNT),
@@ -168,6 +181,8 @@ SCHEMAS["NewExportJob"] = obj(
         "field": STRING_OR_LIST,
         "created_after": TIME,
         "created_before": TIME,
+        "duplicate_group": _DUPLICATE_GROUP,
+        "duplicates": _DUPLICATES,
     },
     required=["destination"],
 )
@@ -335,6 +350,11 @@ SCHEMAS |= {
             ),
             "cost_usd": NUMBER,
             "cache_hit": BOOLEAN,
+            "duplicate_group": {
+                **nullable(INTEGER),
+                "description": "The id of the first item of its near-duplicate group (its"
+                " own id when it has none); null until grouped.",
+            },
             "created_at": TIME,
         }
     ),
@@ -364,6 +384,44 @@ SCHEMAS |= {
                         "at": TIME,
                     }
                 ),
+            },
+        }
+    ),
+    "DuplicateGroups": obj(
+        {
+            "max_distance": {
+                **nullable(INTEGER),
+                "description": "Bits two perceptual hashes may differ by in one group (null:"
+                " not grouped yet).",
+            },
+            "groups": {**COUNT, "description": "Groups of two or more items."},
+            "items": {**COUNT, "description": "Items in those groups."},
+            "pending": {**COUNT, "description": "Succeeded items not grouped yet."},
+            "duplicate_groups": {
+                "type": "array",
+                "items": obj(
+                    {
+                        "group": {**INTEGER, "description": "The id of its first item."},
+                        "size": COUNT,
+                        "members": {
+                            "type": "array",
+                            "items": obj(
+                                {
+                                    "item_id": INTEGER,
+                                    "url": STRING,
+                                    "width": INTEGER,
+                                    "height": INTEGER,
+                                    "format": STRING,
+                                }
+                            ),
+                        },
+                    }
+                ),
+            },
+            "limit": INTEGER,
+            "next_after": {
+                **nullable(INTEGER),
+                "description": "Pass as `after` for the next page.",
             },
         }
     ),
@@ -750,6 +808,8 @@ EXPORT_PARAMS = [
         "created_after", {"type": "string", "format": "date-time"}, "Outcome recorded at or after."
     ),
     query("created_before", {"type": "string", "format": "date-time"}, "Outcome recorded before."),
+    query("duplicate_group", _ITEM_ID, str(_DUPLICATE_GROUP["description"])),
+    query("duplicates", _DUPLICATES, str(_DUPLICATES["description"])),
 ]
 EXPORT_RESPONSES = {
     "200": {
@@ -923,6 +983,36 @@ def build() -> dict[str, Any]:
                     ),
                     *_paging(1000, 100),
                 ],
+            )
+        },
+        f"{one}/duplicates": {
+            "get": operation(
+                "Near-duplicate groups",
+                ok(ref("DuplicateGroups")) | errors(400, 404),
+                parameters=[
+                    BATCH_ID,
+                    query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                        "Groups per page.",
+                    ),
+                    query(
+                        "after",
+                        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        "Group to continue after (the previous page's next_after).",
+                    ),
+                    query(
+                        "members",
+                        {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+                        "Members listed per group (its first ones); the size counts all.",
+                    ),
+                ],
+                description="The batch's groups of two or more near-duplicate images (perceptual"
+                " hashes within max_distance bits, or the same content), in order of their"
+                " first item, with their sizes and first members. A finished batch's groups"
+                " are complete; a running batch's results of the last seconds may not be"
+                " grouped yet (pending). Every member of a group: the results export with"
+                " duplicate_group=<group>.",
             )
         },
         f"{one}/results": {

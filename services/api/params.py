@@ -19,6 +19,8 @@ Query = MultiMapping[str]
 ITEM_STATES = ("pending", "fetching", "analyzing", "writing", *ledger.TERMINAL_ITEM_STATES)
 BATCH_STATES = (*ledger.ACTIVE_BATCH_STATES, *ledger.FINISHED_BATCH_STATES)
 _SPACED_OFFSET = re.compile(r" (\d{2}:?\d{2})$")
+#: Item ids are PostgreSQL bigints.
+MAX_ITEM_ID = 2**63 - 1
 
 
 def integer(query: Query, name: str, default: int, low: int, high: int) -> int:
@@ -83,12 +85,17 @@ def export_filters(query: Query) -> export.Filters:
             conditions.append(export.Condition.parse(text))
         except ValueError as exc:
             raise bad_request(str(exc)) from None
+    duplicates = query.get("duplicates")
+    if duplicates is not None and duplicates not in export.DUPLICATES:
+        raise bad_request(f"duplicates must be one of {', '.join(export.DUPLICATES)}")
     return export.Filters(
         states=values(query, "state", ITEM_STATES),
         error_classes=values(query, "error_class"),
         conditions=conditions,
         created_after=timestamp(query, "created_after"),
         created_before=timestamp(query, "created_before"),
+        duplicate_group=integer(query, "duplicate_group", 0, 1, MAX_ITEM_ID) or None,
+        duplicates=duplicates,
     )
 
 

@@ -1,7 +1,8 @@
 """Result exports: one row per item, streamed from the ledger in constant memory.
 
 * ``columns``: the one list of columns (name, SQL, JSON Schema) every format writes.
-* ``filters``: which items (states, error classes, times, field conditions).
+* ``filters``: which items (states, error classes, times, near-duplicate groups, field
+  conditions).
 * ``source``: reading the rows (typed, or formatted by PostgreSQL's COPY).
 * ``sinks`` and ``formats/``: one ``Sink`` per file format, found in one registry.
 * ``destinations``: writing an export to a URL (one file, or part files under a prefix).
@@ -23,7 +24,7 @@ from .columns import (
     layout,
 )
 from .destinations import DEFAULT_PART_ROWS, Written, write_to
-from .filters import OPERATORS, Condition, Filters, Operator
+from .filters import DUPLICATES, OPERATORS, Condition, Filters, Operator
 from .formulas import neutralize
 from .sinks import DEFAULT_FORMAT, FORMATS, SINKS, Sink, sink_for_path, suffixes
 from .source import RowCounter, Selection
@@ -31,6 +32,7 @@ from .source import RowCounter, Selection
 __all__ = [
     "DEFAULT_FORMAT",
     "DEFAULT_PART_ROWS",
+    "DUPLICATES",
     "FORMATS",
     "LEADING",
     "LEADING_COLUMNS",

@@ -50,6 +50,8 @@ LEADING_COLUMNS: tuple[Column, ...] = (
     Column("format", "r.format", STRING),
     Column("bytes", "r.bytes", INT64),
     Column("sha256", "encode(r.sha256, 'hex')", STRING),
+    # The id of the first item of the image's near-duplicate group (duplicates.py).
+    Column("duplicate_group", "r.duplicate_group", INT64),
 )
 #: Thinking tokens are billed as output; a cache hit cost nothing.
 TRAILING_COLUMNS: tuple[Column, ...] = (

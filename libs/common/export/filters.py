@@ -1,5 +1,6 @@
 """Which items an export holds: item states, error classes, when the outcome was
-recorded, and field conditions on the analysis or on the input's columns, combined with AND."""
+recorded, near-duplicate groups, and field conditions on the analysis or on the input's
+columns, combined with AND."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from typing import Any, Literal, get_args
 from .columns import json_node
 
 Operator = Literal["eq", "ne", "contains", "gt", "gte", "lt", "lte", "exists"]
+#: ``first``: only the first item of each near-duplicate group (one image per group,
+#: images without near-duplicates included).
+Duplicates = Literal["first"]
+DUPLICATES: tuple[Duplicates, ...] = get_args(Duplicates)
 OPERATORS: tuple[Operator, ...] = get_args(Operator)
 _COMPARISONS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 _NUMERIC_OPERATORS = frozenset(_COMPARISONS)
@@ -95,6 +100,9 @@ class Filters:
     #: When the item's outcome was recorded (inclusive lower, exclusive upper bound).
     created_after: datetime.datetime | None = None
     created_before: datetime.datetime | None = None
+    #: Only the members of this near-duplicate group (the id of its first item).
+    duplicate_group: int | None = None
+    duplicates: Duplicates | None = None
 
 
 def where(batch_id: uuid.UUID, filters: Filters) -> tuple[str, list[Any]]:
@@ -114,5 +122,9 @@ def where(batch_id: uuid.UUID, filters: Filters) -> tuple[str, list[Any]]:
         clauses.append(f"i.finished_at >= {param(filters.created_after)}")
     if filters.created_before is not None:
         clauses.append(f"i.finished_at < {param(filters.created_before)}")
+    if filters.duplicate_group is not None:
+        clauses.append(f"r.duplicate_group = {param(filters.duplicate_group)}::bigint")
+    if filters.duplicates == "first":
+        clauses.append("r.duplicate_group = r.item_id")
     clauses += [c.sql(param) for c in filters.conditions]
     return " AND ".join(clauses), params

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncpg
 
-from .. import storage
+from .. import duplicates, storage
 from .columns import batch_layout
 from .destinations import DEFAULT_PART_ROWS, Written, write_to
 from .filters import Condition, Filters
@@ -33,8 +33,12 @@ log = logging.getLogger(__name__)
 
 #: Times a job is started before an interruption fails it.
 MAX_ATTEMPTS = 3
-#: Filter fields a job keeps (lists of strings; the times as ISO 8601 text).
-FILTER_FIELDS = ("state", "error_class", "field", "created_after", "created_before")
+#: Filter fields a job keeps (lists of strings; the times as ISO 8601 text; the
+#: near-duplicate group as a number).
+FILTER_FIELDS = (
+    "state", "error_class", "field", "created_after", "created_before", "duplicate_group",
+    "duplicates",
+)  # fmt: skip
 
 
 def filters_from(stored: Mapping[str, Any]) -> Filters:
@@ -50,6 +54,8 @@ def filters_from(stored: Mapping[str, Any]) -> Filters:
         conditions=[Condition.parse(text) for text in stored.get("field", [])],
         created_after=moment("created_after"),
         created_before=moment("created_before"),
+        duplicate_group=stored.get("duplicate_group"),
+        duplicates=stored.get("duplicates"),
     )
 
 
@@ -209,13 +215,19 @@ async def release(pool: asyncpg.Pool, job_id: uuid.UUID, worker: str) -> None:
 
 # ---------------------------------------------------------------- running one
 async def write(
-    pool: asyncpg.Pool, job: asyncpg.Record, counter: RowCounter, written: Written
+    pool: asyncpg.Pool,
+    job: asyncpg.Record,
+    counter: RowCounter,
+    written: Written,
+    max_distance: int,
 ) -> None:
     """Write the job's export to its destination (StorageError or a database error on
-    failure), after recording how many rows it will hold."""
+    failure), after recording how many rows it will hold; a finished batch's
+    near-duplicate groups are completed first (``max_distance`` if it has none yet)."""
     batch = await pool.fetchrow("SELECT * FROM batches WHERE id = $1", job["batch_id"])
     if batch is None:
         raise storage.StorageError("the batch was deleted", "not_found")
+    await duplicates.finish(pool, job["batch_id"], max_distance)
     selection = Selection(
         pool, job["batch_id"], batch_layout(batch), filters_from(job["filters"]), counter
     )
@@ -231,12 +243,14 @@ async def write(
     )
 
 
-async def run(pool: asyncpg.Pool, job: asyncpg.Record, worker: str, interval_s: float) -> None:
+async def run(
+    pool: asyncpg.Pool, job: asyncpg.Record, worker: str, interval_s: float, max_distance: int
+) -> None:
     """Run a job this worker claimed to its end, recording progress every ``interval_s``
     seconds; it stops if the job stops being this worker's."""
     counter, written = RowCounter(), Written()
     job_id = job["id"]
-    task = asyncio.ensure_future(write(pool, job, counter, written))
+    task = asyncio.ensure_future(write(pool, job, counter, written, max_distance))
     try:
         while not (await asyncio.wait([task], timeout=interval_s))[0]:
             if not await heartbeat(pool, job_id, worker, counter.rows, written.bytes):
