@@ -19,7 +19,7 @@ from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 from imagestream.devtools import corpus
 from imagestream.devtools.imageserver import ImageServer, Reply
 
-from .apiharness import Api, running_api
+from .apiharness import Api, running_api, upload
 from .helpers import wait_for
 from .webhook_receiver import Receiver
 
@@ -241,4 +241,33 @@ async def test_a_viewer_sees_no_controls(browser: Browser, api: Api) -> None:
     await page.fill("#token", "ist_not-a-real-token")
     await page.click("#login-form button[type=submit]")
     await page.wait_for_selector("#login-error:has-text('invalid or revoked token')")
+    await page.close()
+
+
+async def test_the_batch_page_lists_near_duplicate_groups(
+    browser: Browser, api: Api, images: ImageServer
+) -> None:
+    # Three images, each at two addresses: three groups of two exact copies.
+    urls = [images.url(f"slow/{SAMPLES[i % 3].name}") + f"?copy={i}" for i in range(6)]
+    status, created = await upload(api, ("url\n" + "\n".join(urls) + "\n").encode())
+    assert status == 201, created
+    batch_id = created["id"]
+
+    async def done() -> bool:
+        async with api.session(api.viewer) as http, http.get(f"/api/v1/batches/{batch_id}") as r:
+            return (await r.json())["state"] == "completed"
+
+    await wait_for(done, timeout=60, interval=0.2)
+    page, problems = await signed_in(browser, api)
+    await page.goto(f"{api.base}/#/batches/{batch_id}")
+    panel = await page.wait_for_selector("#duplicates-panel:not([hidden])")
+    assert panel is not None
+    assert "3 groups, 6 images" in (await panel.text_content() or "")
+    rows = await page.query_selector_all("#duplicates-panel tbody tr")
+    firsts = [await row.eval_on_selector("td a", "a => a.href") for row in rows]
+    assert firsts == urls[:3]  # each group's first image, in input order
+    sizes = [await row.eval_on_selector("td.num", "td => td.textContent") for row in rows]
+    assert sizes == ["2", "2", "2"]
+    await page.screenshot(path=ARTIFACTS / "dashboard-duplicates-1280.png", full_page=True)
+    assert not problems, problems
     await page.close()

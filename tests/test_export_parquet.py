@@ -119,7 +119,8 @@ async def ledger_rows(
     rows = await pool.fetch(
         """
         SELECT i.url, i.state, i.error_class, i.error_message, i.metadata, r.width, r.height,
-               r.format, r.bytes, encode(r.sha256, 'hex') AS sha256, r.analysis, r.input_tokens,
+               r.format, r.bytes, encode(r.sha256, 'hex') AS sha256, r.duplicate_group,
+               r.analysis, r.input_tokens,
                r.output_tokens, r.thought_tokens, r.cost_usd, r.cache_hit
         FROM items i LEFT JOIN results r ON r.item_id = i.id
         WHERE i.batch_id = $1 ORDER BY i.line
@@ -134,6 +135,7 @@ async def ledger_rows(
             "url": r["url"], "status": r["state"], "error_class": r["error_class"],
             "error_message": r["error_message"], "width": r["width"], "height": r["height"],
             "format": r["format"], "bytes": r["bytes"], "sha256": r["sha256"],
+            "duplicate_group": r["duplicate_group"],
         }  # fmt: skip
         for key in metadata_columns:
             row[key] = _typed(metadata.get(key), {"type": "string"} if text_input else None)
@@ -179,6 +181,7 @@ async def test_columns_are_typed_from_the_schemas(pool: asyncpg.Pool, batch: uui
     schema = pq.read_schema(io.BytesIO(await parquet_bytes(pool, batch)))
     types = {name: schema.field(name).type for name in schema.names}
     assert types["width"] == pa.int32() and types["bytes"] == pa.int64()
+    assert types["duplicate_group"] == pa.int64()
     assert types["cost_usd"] == pa.float64() and types["cache_hit"] == pa.bool_()
     assert types["analysis.tags"] == pa.list_(pa.string())
     assert types["analysis.count"] == pa.int64() and types["analysis.flag"] == pa.bool_()

@@ -416,6 +416,7 @@ function renderBatch(id) {
       h("hr"),
       h("button", { onclick: () => download(exportPath("xlsx", "&state=failed")) }, "Failed images only (.xlsx)"),
       h("button", { onclick: () => download(exportPath("csv", "&state=succeeded")) }, "Succeeded images only (CSV)"),
+      h("button", { onclick: () => download(exportPath("csv", "&duplicates=first")) }, "One image per near-duplicate group (CSV)"),
       h("button", { onclick: () => download(`${base}/rejects?format=csv`) }, "Invalid input rows (CSV)")));
   menu.addEventListener("click", (e) => { if (e.target.tagName === "BUTTON") menu.open = false; });
 
@@ -430,6 +431,7 @@ function renderBatch(id) {
     h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { text: "Error class" }), h("th", { class: "num", text: "Images" }), h("th", {}))), errorsBody)));
   const rejectsPanel = h("section", { class: "panel", hidden: true });
   const webhooksPanel = h("section", { class: "panel", hidden: true, id: "webhooks" });
+  const duplicatesPanel = h("section", { class: "panel", id: "duplicates-panel", hidden: true });
 
   async function control(action, label) {
     const result = await act(label, () => api(`${base}/${action}`, { method: "POST" }));
@@ -484,6 +486,8 @@ function renderBatch(id) {
       h("td", { class: "num", text: fmt.int(n) }),
       h("td", { class: "num" }, admin ? h("button", { class: "small", dataset: { replay: cls }, onclick: () => replay({ error_class: cls }) }, "Replay") : null))));
     if (c.invalid && rejectsPanel.hidden) loadRejects();
+    // Groups grow while the batch runs: looked at again every 10 s, and once it ends.
+    if (c.succeeded && Date.now() - lastDuplicates > 10000) loadDuplicates();
   }
   // Where this batch's unfinished images are: waiting in the ledger (ingest dispatches
   // them), or held by a stage.
@@ -543,6 +547,34 @@ function renderBatch(id) {
           h("td", {}, isAdmin() ? h("button", { class: "small", onclick: async () => {
             if (await act("Sent again", () => api(`${base}/webhooks/${e.id}/redeliver`, { method: "POST" }))) loadWebhooks();
           } }, "Redeliver") : null))) : [h("tr", {}, h("td", { colspan: "5", class: "empty", text: "No event yet: one is sent when the batch completes, fails, pauses or is cancelled." }))]))));
+  }
+
+  // Near-duplicate groups: the first ones, each with its first members (links: the
+  // Content-Security-Policy keeps images from other sites off this page).
+  let lastDuplicates = 0;
+  async function loadDuplicates() {
+    lastDuplicates = Date.now();
+    let page;
+    try { page = await api(`${base}/duplicates?limit=20&members=6`); } catch { return; }
+    if (!page.groups) { duplicatesPanel.hidden = true; return; }
+    duplicatesPanel.hidden = false;
+    const link = (m) => h("a", { href: m.url, target: "_blank", rel: "noopener noreferrer", title: m.url, text: m.url });
+    const row = (g) => {
+      const copies = g.members.slice(1).flatMap((m, i) => (i ? [" ", link(m)] : [link(m)]));
+      if (g.size > g.members.length) copies.push(` … ${fmt.int(g.size - g.members.length)} more`);
+      return h("tr", { dataset: { group: g.group } },
+        h("td", { class: "url" }, link(g.members[0])),
+        h("td", { class: "num", text: fmt.int(g.size) }),
+        h("td", { class: "url hide-narrow" }, ...copies));
+    };
+    duplicatesPanel.replaceChildren(
+      h("div", { class: "panel-head" },
+        h("h2", { text: `Near-duplicate groups (${fmt.int(page.groups)} groups, ${fmt.int(page.items)} images)` }),
+        h("button", { class: "small", onclick: () => download(exportPath("csv", "&duplicates=first")) }, "One image per group (CSV)")),
+      h("p", { class: "muted", text: `Perceptual hashes at most ${page.max_distance} bits apart, or the same file.` + (page.pending ? ` ${fmt.int(page.pending)} newest images not grouped yet.` : "") }),
+      h("div", { class: "table-wrap" }, h("table", {},
+        h("thead", {}, h("tr", {}, h("th", { text: "First image" }), h("th", { class: "num", text: "Images" }), h("th", { class: "hide-narrow", text: "Copies" }))),
+        h("tbody", {}, page.duplicate_groups.map(row)))));
   }
 
   // Items browser.
@@ -608,6 +640,7 @@ function renderBatch(id) {
     errorsPanel,
     rejectsPanel,
     webhooksPanel,
+    duplicatesPanel,
     h("section", { class: "panel" }, h("div", { class: "panel-head" }, h("h2", { text: "Images" }), tabs),
       h("div", { class: "table-wrap" }, h("table", {}, h("thead", {}, h("tr", {}, h("th", { class: "num hide-narrow", text: "Line" }), h("th", { text: "URL" }), h("th", { text: "State" }), h("th", { class: "hide-narrow", text: "Details" }))), itemsBody)),
       h("div", { class: "pager" }, h("span"), more)));
@@ -622,7 +655,7 @@ function renderBatch(id) {
         update(data);
         if (Date.now() - lastItemsRefresh > 5000 && !itemState.after) { lastItemsRefresh = Date.now(); loadItems(true); }
       } else if (event === "pipeline") updateStages(data);
-      else if (event === "end") { loadItems(true); loadWebhooks(); }
+      else if (event === "end") { loadItems(true); loadWebhooks(); loadDuplicates(); }
     }, (state) => {
       live.className = `live ${state === "on" ? "on" : state === "off" ? "off" : ""}`;
       live.textContent = state === "on" ? "live" : state === "off" ? "reconnecting…" : "finished";
