@@ -16,9 +16,10 @@ a million stored):
   second. The writer's only extra cost is one entry in the small partial index of
   ungrouped rows, which is also how the grouper finds them.
 * **In memory.** Each batch's hashes live in a ``hashindex.Components`` (multi-index
-  hashing in numpy): ~25 ms per bulk of 500 new hashes at a million stored, run in a
-  worker thread. It is rebuilt from the ledger (the stored groups, no search: binary COPY,
-  well under a second at a million) whenever it is not known to be current.
+  hashing in numpy), run in a worker thread; a bulk's cost grows with the candidates its
+  lookups find, not with a copy of what is stored (bench/RESULTS.md). It is rebuilt from
+  the ledger (the stored groups read by binary COPY, no search) whenever it is not known
+  to be current: seconds at a million, so one process keeps the work (below).
 * **One grouper per batch at a time, any process.** A grouping step is one transaction that
   locks the batch's ``duplicate_grouping`` row, reads up to ``STEP_ROWS`` ungrouped rows,
   writes their groups, the relabelled members of merged groups and the sizes in
@@ -39,7 +40,6 @@ a million stored):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -52,12 +52,11 @@ import numpy as np
 import numpy.typing as npt
 from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
-from redis.exceptions import LockError, RedisError
 
 from .hashindex import Change, Components
 from .keys import Keys
 from .ledger import FINISHED_BATCH_STATES
-from .runtime import supervise
+from .runtime import Lease, supervise
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ LEADER = Gauge(
     "1 if this process groups near-duplicates now (holds the duplicates lease).",
 )
 
-#: Ungrouped rows one grouping step takes (one transaction; ~1 s of work at a million).
+#: Ungrouped rows one grouping step takes (one transaction, bounded work and memory).
 STEP_ROWS: Final = 20_000
 #: How often the grouper looks for new results (seconds).
 INTERVAL_S: Final = 1.0
@@ -144,8 +143,8 @@ class BatchGroups:
 
 
 async def _read(conn: asyncpg.Connection, where: str, *args: Any) -> npt.NDArray[Any]:
-    """Rows of ``results r`` as an array of _ROW, through a binary COPY (a million rows in
-    well under a second; records would take several)."""
+    """Rows of ``results r`` as an array of _ROW, through a binary COPY (parsed by numpy
+    in one call instead of a million asyncpg records)."""
     pieces: list[bytes] = []
 
     async def keep(piece: bytes) -> None:
@@ -283,9 +282,8 @@ class Grouper:
         self.pipeline = pipeline
         self.max_distance = max_distance
         self.cache: dict[uuid.UUID, BatchGroups] = {}
-        # The lease outlives several slow steps (a rebuild at a million rows takes ~1 s).
-        self._lease = redis.lock(keys.duplicates_lease, timeout=30, blocking=False)
-        self._leading = False
+        # The lease outlives several slow steps (a rebuild at a million rows takes seconds).
+        self._lease = Lease(redis, keys.duplicates_lease, 30.0, LEADER)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -294,7 +292,7 @@ class Grouper:
             await self._resign()
 
     async def tick(self) -> None:
-        if not await self._lead():
+        if not await self._lease.hold():
             self.cache.clear()
             return
         async with self.pool.acquire() as conn:
@@ -315,24 +313,9 @@ class Grouper:
         for batch_id in [b for b, groups in self.cache.items() if groups.used_at < idle]:
             del self.cache[batch_id]
 
-    async def _lead(self) -> bool:
-        try:
-            if self._leading:
-                await self._lease.reacquire()
-            else:
-                self._leading = bool(await self._lease.acquire(blocking=False))
-        except (LockError, RedisError, OSError):
-            self._leading = False
-        LEADER.set(1 if self._leading else 0)
-        return self._leading
-
     async def _resign(self) -> None:
-        LEADER.set(0)
         self.cache.clear()
-        if self._leading:
-            self._leading = False
-            with contextlib.suppress(LockError, RedisError, OSError):
-                await self._lease.release()
+        await self._lease.release()
 
 
 # ---------------------------------------------------------------- reading (api)

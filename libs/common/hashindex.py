@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +65,22 @@ def _flips(bits: int, radius: int) -> Positions:
     return np.array(masks, dtype=np.intp)
 
 
+def _reserved(buffer: npt.NDArray[Any], used: int, size: int) -> npt.NDArray[Any]:
+    """``buffer`` (its first ``used`` entries kept) with room for ``size``: doubled when
+    full, so adding a bulk costs the bulk, not a copy of everything stored."""
+    if size <= len(buffer):
+        return buffer
+    grown = np.empty(max(size, 2 * len(buffer), 1024), dtype=buffer.dtype)
+    grown[:used] = buffer[:used]
+    return grown
+
+
+def _appended(buffer: npt.NDArray[Any], used: int, values: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    buffer = _reserved(buffer, used, used + len(values))
+    buffer[used : used + len(values)] = values
+    return buffer
+
+
 def _empty() -> tuple[Positions, Positions]:
     return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.intp)
 
@@ -86,20 +102,26 @@ class HashIndex:
             np.uint64(64 - shift - bits) for shift, bits in zip(shifts, BAND_BITS, strict=True)
         ]
         self._masks = [np.uint64((1 << bits) - 1) for bits in BAND_BITS]
-        self.hashes: UInt64s = np.empty(0, dtype=np.uint64)
+        self._hashes: UInt64s = np.empty(0, dtype=np.uint64)
+        self._count = 0
         self._heads: list[npt.NDArray[np.int32]] = []
         self._chains: list[npt.NDArray[np.int32]] = []
 
     def __len__(self) -> int:
-        return len(self.hashes)
+        return self._count
+
+    @property
+    def hashes(self) -> UInt64s:
+        return self._hashes[: self._count]
 
     def _band(self, hashes: UInt64s, band: int) -> Positions:
         return ((hashes >> self._shifts[band]) & self._masks[band]).astype(np.intp)
 
     def add(self, hashes: UInt64s) -> None:
         """Store ``hashes`` at the next positions."""
-        start = len(self.hashes)
-        self.hashes = np.concatenate([self.hashes, hashes.astype(np.uint64, copy=False)])
+        start = self._count
+        self._hashes = _appended(self._hashes, start, hashes.astype(np.uint64, copy=False))
+        self._count += len(hashes)
         if self._heads:
             self._link(np.arange(start, len(self.hashes), dtype=np.intp))
         elif len(self.hashes) > BRUTE_FORCE_LIMIT:
@@ -120,8 +142,7 @@ class HashIndex:
             before = np.empty(len(values), dtype=np.int32)
             before[1:] = ordered[:-1]
             before[first] = head[values[first]]
-            chain = np.empty(len(self.hashes), dtype=np.int32)
-            chain[: len(self._chains[band])] = self._chains[band]
+            chain = _reserved(self._chains[band], int(positions.min()), self._count)
             chain[ordered] = before
             self._chains[band] = chain
             head[values[last]] = ordered[last]
@@ -199,18 +220,32 @@ class Components:
 
     def __init__(self, max_distance: int) -> None:
         self.index = HashIndex(max_distance)
-        self.ids: Int64s = np.empty(0, dtype=np.int64)
-        self.labels: Int64s = np.empty(0, dtype=np.int64)
+        self._ids: Int64s = np.empty(0, dtype=np.int64)
+        self._labels: Int64s = np.empty(0, dtype=np.int64)
+        self._count = 0
         #: Label -> size, for components of two or more items.
         self.sizes: dict[int, int] = {}
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self._count
+
+    @property
+    def ids(self) -> Int64s:
+        return self._ids[: self._count]
+
+    @property
+    def labels(self) -> Int64s:
+        """Each item's label, in the order added (a view: relabelling writes through)."""
+        return self._labels[: self._count]
+
+    def _append(self, ids: Int64s, labels: Int64s) -> None:
+        self._ids = _appended(self._ids, self._count, ids)
+        self._labels = _appended(self._labels, self._count, labels)
+        self._count += len(ids)
 
     def load(self, ids: Int64s, hashes: UInt64s, labels: Int64s) -> None:
         """Items already labelled (read back from the ledger): nothing is searched."""
-        self.ids = np.concatenate([self.ids, ids])
-        self.labels = np.concatenate([self.labels, labels])
+        self._append(ids, labels)
         self.index.add(hashes)
         values, counts = np.unique(self.labels, return_counts=True)
         multi = counts > 1
@@ -218,9 +253,8 @@ class Components:
 
     def add(self, ids: Int64s, hashes: UInt64s) -> Change:
         """Add items (not added before) and label them with their components."""
-        start = len(self.ids)
-        self.ids = np.concatenate([self.ids, ids])
-        self.labels = np.concatenate([self.labels, ids])
+        start = self._count
+        self._append(ids, ids)
         self.index.add(hashes)
         q, m = self.index.pairs(np.arange(start, len(self.ids), dtype=np.intp))
         if not len(q):

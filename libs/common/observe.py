@@ -23,7 +23,6 @@ workers do all the time, so the lag is computed here rather than read from XINFO
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -35,11 +34,11 @@ from prometheus_client import REGISTRY, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import RedisError
 
 from .keys import GROUPS, Keys
 from .ledger import ACTIVE_BATCH_STATES
-from .runtime import supervise
+from .runtime import Lease, supervise
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +349,7 @@ class Observer:
         self.interval_s = interval_s
         self.exporter = exporter
         # The lease outlives two missed ticks, so a slow collection does not flap it.
-        self._lease = redis.lock(keys.observe_lease, timeout=3 * interval_s, blocking=False)
-        self._leading = False
+        self._lease = Lease(redis, keys.observe_lease, 3 * interval_s, LEADER)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -361,7 +359,7 @@ class Observer:
 
     async def tick(self) -> None:
         await asyncio.gather(self._ping_redis(), self._ping_postgres())
-        if not await self._lead():
+        if not await self._lease.hold():
             self.exporter.snapshot = None
             return
         try:
@@ -371,27 +369,9 @@ class Observer:
             self.exporter.snapshot = None
             raise
 
-    async def _lead(self) -> bool:
-        try:
-            if self._leading:
-                await self._lease.reacquire()
-            else:
-                self._leading = bool(await self._lease.acquire(blocking=False))
-        except LockError:
-            self._leading = False
-        except (RedisError, OSError):
-            self._leading = False
-        LEADER.set(1 if self._leading else 0)
-        return self._leading
-
     async def _resign(self) -> None:
         self.exporter.snapshot = None
-        LEADER.set(0)
-        if self._leading:
-            self._leading = False
-            # If the release fails, the lease expires on its own.
-            with contextlib.suppress(LockError, RedisError, OSError):
-                await self._lease.release()
+        await self._lease.release()
 
     async def _ping_redis(self) -> None:
         await _ping(REDIS_UP, REDIS_PING, self.redis.ping)

@@ -16,6 +16,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvloop
+from prometheus_client import Gauge
+from redis.asyncio import Redis
+from redis.exceptions import LockError, RedisError
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +74,33 @@ async def supervise(
             log.exception("background task failed; retrying", extra={"task": name})
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=every_s)
+
+
+class Lease:
+    """A short Redis lock held from tick to tick, so one process of the deployment does a
+    chore; ``leader`` (a gauge) shows which. Losing Redis or the lock just means not
+    leading; a lease that cannot be released expires on its own."""
+
+    def __init__(self, redis: Redis, key: str, timeout_s: float, leader: Gauge) -> None:
+        self._lock = redis.lock(key, timeout=timeout_s, blocking=False)
+        self._leader = leader
+        self.leading = False
+
+    async def hold(self) -> bool:
+        """Take the lease, or keep it for another ``timeout_s``; whether this process leads."""
+        try:
+            if self.leading:
+                await self._lock.reacquire()
+            else:
+                self.leading = bool(await self._lock.acquire(blocking=False))
+        except (LockError, RedisError, OSError):
+            self.leading = False
+        self._leader.set(1 if self.leading else 0)
+        return self.leading
+
+    async def release(self) -> None:
+        self._leader.set(0)
+        if self.leading:
+            self.leading = False
+            with contextlib.suppress(LockError, RedisError, OSError):
+                await self._lock.release()
