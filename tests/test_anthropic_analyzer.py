@@ -187,23 +187,40 @@ async def test_doctor_and_estimate_read_the_anthropic_provider(tmp_path: Path) -
     folder = tmp_path / "few"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(jpeg(1, 19))
-    async with running_anthropic_emulator(emulator_config(revoked_keys={"sk-b"})) as (_, url):
-        env = {"ANTHROPIC_API_KEYS": "sk-a@p1,sk-b@p2", "ANTHROPIC_BASE_URL": url}
+    config = emulator_config(revoked_keys={"sk-b"})
+    async with running_anthropic_emulator(config) as (emulator, url):
+        env = {"ANTHROPIC_API_KEYS": "sk-a@p1,sk-b@p2", "ANTHROPIC_BASE_URL": url,
+               "FETCH_ALLOW_FILE": "true"}  # fmt: skip
         rows = await providers.get("anthropic").doctor(env)
-        report = await estimate.estimate(
-            {**env, "FETCH_ALLOW_FILE": "true"}, folder, analyzer="anthropic", profile=None,
-            model=None, sample_size=5,
-        )  # fmt: skip
+        reports = [
+            await estimate.estimate(
+                env,
+                folder,
+                analyzer="anthropic",
+                profile=None,
+                model=None,
+                sample_size=5,
+                offline=offline,
+            )
+            for offline in (False, True)
+        ]
+        counted = [e for e in emulator.request_log() if e["method"] == "count_tokens"]
     short = {k: hashlib.sha256(k.encode()).hexdigest()[:8] for k in ("sk-a", "sk-b")}
     assert [(r.name, r.status) for r in rows] == [
         (f"anthropic key {short['sk-a']} (p1)", "ok"),
         (f"anthropic key {short['sk-b']} (p2)", "fail"),
     ]
     assert "not allowed" in rows[1].detail
-    e = report.estimate
-    assert (e.model, e.images, report.sampled, report.profile) == (MODEL, 1, 1, "describe")
+    online, offline = reports
+    assert [r.counted_by for r in reports] == [
+        "Anthropic's count_tokens", "Anthropic's image token rule",
+    ]  # fmt: skip
+    # One count_tokens call for the one sampled image; the rule gives the same count.
+    assert [c["input_tokens"] for c in counted] == [online.estimate.input_tokens_per_image]
+    assert offline.estimate.input_tokens_per_image == online.estimate.input_tokens_per_image
+    e = online.estimate
+    assert (e.model, e.images, online.sampled, online.profile) == (MODEL, 1, 1, "describe")
     assert e.cost_usd > 0 and e.batch_cost_usd == pytest.approx(e.cost_usd / 2)
-    assert report.counted_by == "Anthropic's image token rule"
 
 
 async def test_batch_mode_sends_one_message_batch_at_half_price(res: Resources) -> None:

@@ -489,19 +489,30 @@ def estimate_by_rule(
     """``imagestream estimate`` by a provider's token rule of an image (``rule`` names
     it): the sampled images' sizes, or 768x576 without a sample."""
     sizes = [image_size(d) for d in request.sample] or [(768, 576)]
+    counts = [prompt_tokens + image_tokens(*size) for size in sizes]
+    counted_by = rule if request.sample else "the rule, at 768x576"
+    return estimate_from_counts(config, choice, request, counts, counted_by)
+
+
+def estimate_from_counts(
+    config: KeyedConfig,
+    choice: Choice,
+    request: EstimateRequest,
+    counts: list[int],
+    counted_by: str,
+) -> ProviderEstimate:
+    """``imagestream estimate`` from the input tokens of each sampled image's call."""
     profile = choice.compiled.profile
     result = pricing.estimate(
         model=choice.model,
         price=choice.price,
         images=request.images,
-        input_tokens_per_image=statistics.fmean(prompt_tokens + image_tokens(*s) for s in sizes),
+        input_tokens_per_image=statistics.fmean(counts),
         output_tokens_per_image=profile.expected_output_tokens or profile.max_output_tokens / 2,
         max_output_tokens=profile.max_output_tokens,
         requests_per_minute=config.quota_rpm(),
     )
     return ProviderEstimate(
-        estimate=result,
-        profile=choice.compiled.name,
-        counted_by=rule if request.sample else "the rule, at 768x576",
+        estimate=result, profile=choice.compiled.name, counted_by=counted_by,
         keys=len(config.api_keys),
-    )
+    )  # fmt: skip

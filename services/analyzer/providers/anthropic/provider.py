@@ -173,26 +173,7 @@ class AnthropicProvider(StainlessProvider[AnthropicSettings, anthropic.AsyncAnth
         )
 
     def request(self, choice: Choice, data: bytes) -> dict[str, Any]:
-        """The profile's ``temperature`` is not sent: the SDK (2.x) no longer takes
-        sampling parameters."""
-        profile = choice.compiled.profile
-        image = {
-            "type": "image",
-            "source": {
-                "type": "base64",
-                "media_type": image_mime(data),
-                "data": base64.b64encode(data).decode(),
-            },
-        }
-        return {
-            "model": choice.model,
-            "max_tokens": profile.max_output_tokens,
-            "messages": [
-                {"role": "user", "content": [image, {"type": "text", "text": profile.prompt}]}
-            ],
-            "tools": [tool_of(choice)],
-            "tool_choice": {"type": "tool", "name": TOOL_NAME},
-        }
+        return message_request(choice, data)
 
     def input_tokens(self, choice: Choice, data: bytes) -> int:
         image = anthropic_pricing.image_tokens(*image_size(data))
@@ -209,6 +190,31 @@ class AnthropicProvider(StainlessProvider[AnthropicSettings, anthropic.AsyncAnth
 
     def read(self, answer: Message, choice: Choice) -> dict[str, Any]:
         return read(answer, choice)
+
+
+def message_request(choice: Choice, data: bytes) -> dict[str, Any]:
+    """The ``messages.create`` arguments for this image: a call's, a Message Batch
+    request's ``params``, and (without ``max_tokens``) what ``count_tokens`` counts. The
+    profile's ``temperature`` is not sent: the SDK (2.x) no longer takes sampling
+    parameters."""
+    profile = choice.compiled.profile
+    image = {
+        "type": "image",
+        "source": {
+            "type": "base64",
+            "media_type": image_mime(data),
+            "data": base64.b64encode(data).decode(),
+        },
+    }
+    return {
+        "model": choice.model,
+        "max_tokens": profile.max_output_tokens,
+        "messages": [
+            {"role": "user", "content": [image, {"type": "text", "text": profile.prompt}]}
+        ],
+        "tools": [tool_of(choice)],
+        "tool_choice": {"type": "tool", "name": TOOL_NAME},
+    }
 
 
 def tool_of(choice: Choice) -> dict[str, Any]:
