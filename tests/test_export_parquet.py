@@ -228,6 +228,31 @@ async def test_integers_beyond_their_type_make_their_column_text(
     assert duckdb_rows(str(path)) == expected
 
 
+async def test_an_input_column_declared_integer_falls_back_too(
+    pool: asyncpg.Pool, prefix: str
+) -> None:
+    items: Items = [
+        ("https://img.example.com/a.jpg", {"qty": 2**64 - 1}, "HTTP 404"),
+        ("https://img.example.com/b.jpg", {"qty": 7}, "HTTP 404"),
+    ]
+    batch_id = await make_batch(pool, prefix, items, SCHEMA, source_format="jsonl")
+    row = await ledger.batch(pool, batch_id)
+    typed = export.layout(
+        row["metadata_columns"], row["analysis_columns"], SCHEMA, {"qty": {"type": "integer"}}
+    )
+
+    async def qty() -> pa.ChunkedArray:
+        pieces = export.SINKS["parquet"].write(export.Selection(pool, batch_id, typed))
+        return pq.read_table(io.BytesIO(b"".join([p async for p in pieces]))).column("qty")
+
+    assert (await qty()).to_pylist() == [str(2**64 - 1), "7"]
+    await pool.execute(
+        "UPDATE items SET metadata = '{\"qty\": 5}' WHERE batch_id = $1 AND line = 2", batch_id
+    )
+    column = await qty()
+    assert column.type == pa.int64() and column.to_pylist() == [5, 7]
+
+
 async def test_a_text_input_keeps_its_columns_as_text(pool: asyncpg.Pool, prefix: str) -> None:
     batch_id = await make_batch(pool, prefix, ITEMS[:1], SCHEMA, source_format="csv")
     table = pq.read_table(io.BytesIO(await parquet_bytes(pool, batch_id)))
