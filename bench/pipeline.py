@@ -111,7 +111,15 @@ async def bare_loop(targets: list[str], concurrency: int = 64) -> Run:
 
 
 def env_for(database_url: str, prefix: str) -> dict[str, str]:
-    return service_env(REDIS_URL, database_url, prefix, METRICS_PORT="-1", LOG_LEVEL="WARNING")
+    # The local facts profile: the analyzer loads no content models.
+    return service_env(
+        REDIS_URL,
+        database_url,
+        prefix,
+        METRICS_PORT="-1",
+        LOG_LEVEL="WARNING",
+        LOCAL_MODELS="false",
+    )
 
 
 def run_analyze(listing: Path, database_url: str) -> Run:

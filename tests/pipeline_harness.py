@@ -24,6 +24,7 @@ FAST = {
     "FETCH_ATTEMPTS": "1",
     "SHUTDOWN_GRACE_S": "5",
     "METRICS_PORT": "-1",
+    "LOCAL_MODELS": "false",  # the content profile's models only where a test asks
 }
 
 

@@ -20,6 +20,9 @@ TEST_SETTINGS = {
     "FETCH_ATTEMPTS": "2",
     "FETCH_BACKOFF_S": "0.05",
     "SHUTDOWN_GRACE_S": "5",
+    # The content profile's model workers (seconds of start, ~250 MB each) only where a
+    # test asks for them.
+    "LOCAL_MODELS": "false",
 }
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import asyncpg
 import orjson
+import pyarrow.parquet as pq
 import pytest
 
 from imagestream.common import webhooks
-from imagestream.devtools import corpus
+from imagestream.devtools import corpus, text_images
 
 from .procs import free_port, service_env
 from .webhook_receiver import Receiver, receiving
@@ -70,6 +71,42 @@ async def test_analyze_a_folder_of_images(
     assert rows[broken.resolve().as_uri()]["error_class"] == "not_an_image"
 
 
+async def test_analyze_with_the_content_profile(
+    redis_url: str, database_url: str, prefix: str, tmp_path: Path
+) -> None:
+    """Text read and NSFW scored through the whole pipeline, on the analysis image the
+    content profile asks the fetcher for (1280 px from a 2560-px original)."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sign = text_images.text_photo(2560, 1706, 11, sizes=(80, 120), angles=(0.0, 10.0))
+    sign.image.save(photos / "sign.jpg", quality=90)
+    corpus.scene(900, 600, seed=2).save(photos / "plain.png")
+    output = tmp_path / "out.parquet"  # typed columns from the profile's JSON Schema
+    env = service_env(redis_url, database_url, prefix, LOCAL_MODELS="true")
+    code, out, err = await imagestream(
+        env, "analyze", str(photos), "--profile", "content", "-o", str(output), "--no-progress"
+    )
+    assert code == 0, err
+    assert "2 images: 2 succeeded" in out, out
+    table = pq.read_table(output)
+    assert str(table.schema.field("analysis.text_lines").type) == (
+        "list<element: struct<box: list<element: list<element: int64>>,"
+        " text: string, confidence: double>>"
+    )
+    assert str(table.schema.field("analysis.nsfw").type) == "bool"
+    rows = {Path(r["url"]).name: r for r in table.to_pylist()}
+    text = rows["sign.jpg"]["analysis.text"]
+    assert text_images.found(sign.words, text) == [w.text for w in sign.words], text
+    assert rows["sign.jpg"]["analysis.has_text"] is True
+    for line in rows["sign.jpg"]["analysis.text_lines"]:  # in the original's pixels
+        assert all(0 <= x <= 2560 and 0 <= y <= 1706 for x, y in line["box"]), line
+    assert max(x for line in rows["sign.jpg"]["analysis.text_lines"] for x, _ in line["box"]) > 1280
+    assert rows["plain.png"]["analysis.has_text"] is False
+    for row in rows.values():
+        assert row["analysis.nsfw"] is False and row["analysis.nsfw_score"] < 0.5
+        assert row["analysis.phash"]  # the facts are there too
+
+
 @pytest.mark.parametrize(
     ("args", "env_changes", "code", "message"),
     [
@@ -80,6 +117,8 @@ async def test_analyze_a_folder_of_images(
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "magic"], {}, 2, "analyzer must be one of"),
         (["analyze", "{list}", "--webhook-url", "http://10.0.0.1/h"], {}, 2, "webhook: address 10.0.0.1 is not public"),
         (["analyze", "{list}", "-o", "x.csv", "--long-side", "5"], {}, 2, "long_side must be"),
+        (["analyze", "{list}", "-o", "x.csv", "--profile", "describe"], {}, 2, "local profile must be one of facts, content"),
+        (["analyze", "{list}", "-o", "x.csv", "--model", "gpt-4o"], {}, 2, "the local analyzer takes no model"),
         (["analyze", "{list}", "-o", "x.csv", "--mode", "batch"], {}, 2, "mode batch (a Batch API) needs analyzer anthropic or gemini or openai"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "openai"], {}, 2, "analyzer openai is not configured here: set OPENAI_API_KEYS"),
         (["analyze", "{list}", "-o", "x.csv", "--analyzer", "openai", "--model", "llava"], {"OPENAI_API_KEYS": "sk-x"}, 2, "no price for model 'llava': add it to OPENAI_PRICES_FILE"),

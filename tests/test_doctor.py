@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from imagestream.analyzer.keypool import short_hash
+from imagestream.analyzer.providers.local.content import model_files
 from imagestream.cli import doctor
 from imagestream.common import providers
 from imagestream.devtools.gemini_server import EmulatorConfig, running_emulator
@@ -79,7 +80,7 @@ async def test_all_green(
 ) -> None:
     env = doctor_env(
         redis_url, database_url, tmp_path, GEMINI_API_KEYS=f"{GOOD_KEY}@project-doctor",
-        GEMINI_BASE_URL=gemini_url,
+        GEMINI_BASE_URL=gemini_url, LOCAL_MODELS="true",
     )  # fmt: skip
     result = await run_doctor(env)
     assert result.code == 0, result.output
@@ -89,6 +90,8 @@ async def test_all_green(
         "postgresql": "OK",
         "migrations": "OK",
         key_row: "OK",
+        # Each model file of the local content profile, loaded.
+        **{f"local model: {m.name}": "OK" for m in model_files()},
         # Every other keyed provider is not configured here: a row that does not count.
         **{s.name: "SKIP" for s in providers.registry().values() if s.keyed and s.name != "gemini"},
         "disk (temp)": "OK",

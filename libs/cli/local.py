@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from imagestream.analyzer.providers import local as local_provider
 from imagestream.common import (
     duplicates,
     export,
@@ -148,7 +149,7 @@ async def analyze(env: Mapping[str, str], options: RunOptions, stop: asyncio.Eve
     except profiles.ProfileError as exc:
         raise UsageError(str(exc)) from None
     is_folder = path is not None and path.is_dir()
-    configured = pipeline.load_all(env, pipeline.PIPELINE)
+    configured = pipeline.load_all(_run_env(env, choice), pipeline.PIPELINE)
     common: CommonSettings = configured["ingest"]
     # A private key prefix: this run's services take only this run's batch, even when
     # they share Redis and PostgreSQL with a deployment.
@@ -240,6 +241,15 @@ async def _webhook(options: RunOptions, common: CommonSettings) -> tuple[str | N
         secret = webhooks.new_secret()
         print(f"webhook secret (shown once): {secret}", file=sys.stderr, flush=True)
     return url, secret
+
+
+def _run_env(env: Mapping[str, str], choice: providers.BatchChoice) -> Mapping[str, str]:
+    """The settings of a run's private pipeline, which serves this one batch: the local
+    analyzer loads its content models (seconds at start, hundreds of MB per worker) only
+    when the batch is one of its ``content`` profile."""
+    if choice.analyzer == local_provider.SPEC.name and choice.profile == local_provider.CONTENT:
+        return env
+    return {**env, "LOCAL_MODELS": "false"}
 
 
 async def _wait(

@@ -59,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--analyzer", default=None, help=f"{', '.join(providers.names())} (default: local)"
     )
-    p.add_argument("--profile", help="analysis profile (model providers)")
+    p.add_argument(
+        "--profile",
+        help="analysis profile: local facts (default) or content (+ OCR, NSFW);"
+        " gemini/openai describe (default), moderation or your own",
+    )
     p.add_argument("--model", help="model (model providers)")
     p.add_argument(
         "--budget-usd", type=float, help="pause the batch before it costs more than this"
@@ -70,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
         "--no-cache", action="store_true", help="analyze every image afresh (no cached analyses)"
     )
     p.add_argument(
-        "--long-side", type=int, help="long side (px) of the image the analyzer sees (768)"
+        "--long-side",
+        type=int,
+        help="long side (px) of the image the analyzer sees (768; local content 1280)",
     )
     p.add_argument(
         "--mode",

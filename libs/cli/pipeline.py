@@ -95,9 +95,14 @@ async def run_stages(
         )
         for task in done:
             if task is not stopper and task.exception() is not None:
-                log.error(
-                    "stage crashed", exc_info=task.exception(), extra={"stage": task.get_name()}
-                )
+                # A stage that cannot start (a setting, a model file) says why in one
+                # line where the error is raised to; anything else is a crash to debug.
+                if not isinstance(task.exception(), settings.SettingsError):
+                    log.error(
+                        "stage crashed",
+                        exc_info=task.exception(),
+                        extra={"stage": task.get_name()},
+                    )
                 stop.set()
     finally:
         stop.set()

@@ -122,6 +122,11 @@ class ProviderSpec(Protocol):
         """The batch's profile and model, checked (ProfileError naming the choices)."""
         ...
 
+    def long_side(self, profile: str | None) -> int | None:
+        """The analysis image's long side a batch of this profile gets when it names none
+        (None: the fetcher's ``ANALYSIS_LONG_SIDE``), e.g. more pixels for reading text."""
+        ...
+
     def missing(self, env: Mapping[str, str]) -> str | None:
         """Why this provider cannot run with these settings (no key), or None."""
         ...
@@ -250,6 +255,8 @@ def resolve_batch(
     if require_configured and (reason := spec.missing(source)) is not None:
         raise ProfileError(f"analyzer {spec.name} is not configured here: {reason}")
     profile, model = spec.choose(text("profile"), text("model"), source)
+    if "long_side" not in options and (side := spec.long_side(profile)) is not None:
+        options["long_side"] = side
     return BatchChoice(spec.name, profile, model, budget, options)
 
 

@@ -229,6 +229,8 @@ async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -
     reporters = [asyncio.create_task(p.report(stop)) for p in running.values()]
     reporters += [asyncio.create_task(jobs.run(stop)) for jobs in analyzer.deferred.values()]
     try:
+        for provider in running.values():
+            await provider.start()  # models loaded before the first item is taken
         await worker.run(stop)
     finally:
         for reporter in reporters:

@@ -263,7 +263,14 @@ SCHEMAS |= {
                 " token's, else WEBHOOK_SECRET, else a new one returned once.",
             },
             "analyzer": {"type": "string", "enum": list(providers.names())},
-            "profile": {"type": "string", "maxLength": 200},
+            "profile": {
+                "type": "string",
+                "maxLength": 200,
+                "description": "The analysis profile. local: facts (the default: pixel facts)"
+                " or content (facts + text read by OCR + NSFW scores; analysis image"
+                " long side 1280 unless long_side names one). gemini, openai: describe"
+                " (the default), moderation, or a profile of PROFILES_DIR.",
+            },
             "model": {"type": "string", "maxLength": 200},
             "budget_usd": {
                 "type": "string",
@@ -278,7 +285,8 @@ SCHEMAS |= {
             "long_side": {
                 "type": "string",
                 "description": "Long side in pixels (32-4096) of the image handed to the"
-                " analyzer; default ANALYSIS_LONG_SIDE (768).",
+                " analyzer; default the profile's (local content: 1280), else"
+                " ANALYSIS_LONG_SIDE (768).",
             },
             "mode": {
                 "type": "string",

@@ -94,6 +94,11 @@ class Provider(Protocol):
         """Raises ItemError (the item fails) or Halted (its batch stopped meanwhile)."""
         ...
 
+    async def start(self) -> None:
+        """Get ready before the analyzer takes items (load and warm models); raise
+        ``settings.SettingsError`` (one line) when the provider cannot run here."""
+        ...
+
     async def report(self, stop: asyncio.Event) -> None:
         """Publish the provider's state for the dashboard until ``stop`` (if it has any)."""
         ...

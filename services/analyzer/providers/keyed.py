@@ -414,6 +414,9 @@ class KeyedProvider(Generic[Settings, Client, Answer]):
             on_billed=self.count_usage,
         )
 
+    async def start(self) -> None:
+        return  # the clients were made with the key pool
+
     async def report(self, stop: asyncio.Event) -> None:
         """Publish every key's state and its project's quota use for the dashboard."""
         from imagestream.common.runtime import supervise

@@ -40,6 +40,9 @@ class KeyedSpec:
         choice = self.load_settings(env).choose(profile, model)
         return choice.compiled.name, choice.model
 
+    def long_side(self, profile: str | None) -> int | None:
+        return None  # the image a model sees is sized by ANALYSIS_LONG_SIDE
+
     def missing(self, env: Mapping[str, str]) -> str | None:
         variable = f"{self.name.upper()}_API_KEYS"
         return None if env.get(variable, "").strip() else f"set {variable}"
