@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from imagestream.common import messages, streams
 from imagestream.common.keys import Keys
 from imagestream.devtools.processes import Service
 
@@ -69,6 +70,19 @@ async def wait_alive(redis: Any, keys: Keys, stages: list[str], timeout_s: float
         if time.monotonic() > deadline:
             raise RuntimeError(f"services not alive after {timeout_s} s: {dict(alive)}")
         await asyncio.sleep(0.2)
+
+
+async def submit_and_wait(redis: Any, pool: asyncpg.Pool, keys: Keys, batch_id: Any) -> Any:
+    """Submit a batch whose list is stored to its pipeline, wait until it is neither queued
+    nor running, and return its ledger row."""
+    submitted = messages.BatchSubmitted(batch_id=str(batch_id))
+    await streams.append(redis, keys.batches, [messages.encode(submitted)])
+    while True:
+        row = await pool.fetchrow("SELECT * FROM batches WHERE id = $1", batch_id)
+        assert row is not None
+        if row["state"] not in ("queued", "running"):
+            return row
+        await asyncio.sleep(0.1)
 
 
 def cpu_by_stage(services: list[Service]) -> dict[str, float]:

@@ -40,15 +40,26 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import REDIS_URL, corpus_dir, machine, median, scratch_database, serve_directory, table
+from _common import (
+    REDIS_URL,
+    corpus_dir,
+    cpu_by_stage,
+    machine,
+    median,
+    scratch_database,
+    serve_directory,
+    submit_and_wait,
+    table,
+    wait_alive,
+)
 
 from imagestream.analyzer.providers import local as local_provider
 from imagestream.analyzer.providers.local import content
-from imagestream.common import db, ledger, messages, streams
+from imagestream.common import db, ledger
 from imagestream.common.connections import redis_client
 from imagestream.common.keys import Keys
 from imagestream.devtools import corpus
-from imagestream.devtools.processes import Fleet, service_env
+from imagestream.devtools.processes import Fleet, process_tree_cpu_seconds, service_env
 from imagestream.devtools.text_images import text_photo
 from imagestream.fetcher import image
 
@@ -74,18 +85,6 @@ def build_corpus(count: int) -> Path:
     return folder
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its living descendants (Linux /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return 0.0  # it has exited
-    own = (int(fields[11]) + int(fields[12])) / tick
-    return own + sum(cpu_seconds(int(child)) for child in children)
-
-
 # ---------------------------------------------------------------- bare model loop
 def _bare_read(data: bytes) -> int:
     """One analysis image through the same model calls as the content profile."""
@@ -101,11 +100,11 @@ def _bare_read(data: bytes) -> int:
 def bare_loop(pool: ProcessPoolExecutor, analysis_images: list[bytes]) -> tuple[float, float]:
     """Seconds and CPU seconds to read every image, one process per core."""
     workers = [p.pid for p in pool._processes.values()]  # the pool has them all by now
-    cpu = sum(cpu_seconds(pid) for pid in workers)
+    cpu = sum(process_tree_cpu_seconds(pid) for pid in workers)
     started = time.perf_counter()
     list(pool.map(_bare_read, analysis_images))
     elapsed = time.perf_counter() - started
-    return elapsed, sum(cpu_seconds(pid) for pid in workers) - cpu
+    return elapsed, sum(process_tree_cpu_seconds(pid) for pid in workers) - cpu
 
 
 # ---------------------------------------------------------------- pipeline
@@ -130,15 +129,7 @@ async def run_pipeline(
         async with pool.acquire() as conn:
             await db.migrate(conn)
         # The analyzer beats only once its models are loaded and warmed.
-        for _ in range(1200):
-            alive = {
-                key.decode().split(":")[-2] async for key in redis.scan_iter(keys.alive_pattern())
-            }
-            if {"ingest", "fetcher", "analyzer", "writer"} <= alive:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            raise RuntimeError("the stages did not start:\n" + fleet.logs_text())
+        await wait_alive(redis, keys, ["ingest", "fetcher", "analyzer", "writer"], 300)
         side = local_provider.SPEC.long_side(profile)
         batch_id = await ledger.create_batch(
             pool,
@@ -152,28 +143,16 @@ async def run_pipeline(
         )
         async with pool.acquire() as conn:
             await ledger.store_upload_part(conn, batch_id, 0, listing)
-        pids = [service.process.pid for service in fleet.services]
         # What the idle services spend (heartbeats, claim sweeps, dispatch ticks): a cost
         # of time, not of images, which a slow (shared) machine makes look per image.
-        cpu = sum(cpu_seconds(pid) for pid in pids)
+        cpu = sum(cpu_by_stage(fleet.services).values())
         await asyncio.sleep(IDLE_S)
-        idle_rate = (sum(cpu_seconds(pid) for pid in pids) - cpu) / IDLE_S
-        cpu = sum(cpu_seconds(pid) for pid in pids)
+        idle_rate = (sum(cpu_by_stage(fleet.services).values()) - cpu) / IDLE_S
+        cpu = sum(cpu_by_stage(fleet.services).values())
         started = time.perf_counter()
-        await streams.append(
-            redis, keys.batches, [messages.encode(messages.BatchSubmitted(batch_id=str(batch_id)))]
-        )
-        while True:
-            row = await pool.fetchrow(
-                "SELECT state, succeeded, failed + skipped AS other FROM batches WHERE id = $1",
-                batch_id,
-            )
-            assert row is not None
-            if row["state"] not in ("queued", "running"):
-                break
-            await asyncio.sleep(0.1)
+        row = await submit_and_wait(redis, pool, keys, batch_id)
         elapsed = time.perf_counter() - started
-        spent = sum(cpu_seconds(pid) for pid in pids) - cpu
+        spent = sum(cpu_by_stage(fleet.services).values()) - cpu
         assert row["succeeded"] == count, (dict(row), fleet.logs_text())
         return elapsed, spent, idle_rate * elapsed
     finally:

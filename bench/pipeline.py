@@ -46,11 +46,12 @@ from _common import (
     median,
     scratch_database,
     serve_directory,
+    submit_and_wait,
     table,
     wait_alive,
 )
 
-from imagestream.common import db, ledger, messages, streams
+from imagestream.common import db, ledger
 from imagestream.common.connections import redis_client
 from imagestream.common.keys import Keys
 from imagestream.devtools import corpus
@@ -168,23 +169,10 @@ async def run_processes(listing: Path, database_url: str, count: int) -> Run:
         async with pool.acquire() as conn:
             await ledger.store_upload_part(conn, batch_id, 0, listing.read_bytes())
         started, cpu_before = time.perf_counter(), cpu_by_stage(fleet.services)
-        await streams.append(
-            redis,
-            Keys(prefix).batches,
-            [messages.encode(messages.BatchSubmitted(batch_id=str(batch_id)))],
-        )
-        while True:
-            row = await pool.fetchrow(
-                "SELECT state, succeeded + failed + skipped AS done FROM batches WHERE id = $1",
-                batch_id,
-            )
-            assert row is not None
-            if row["state"] not in ("queued", "running"):
-                break
-            await asyncio.sleep(0.1)
+        row = await submit_and_wait(redis, pool, Keys(prefix), batch_id)
         elapsed = time.perf_counter() - started
         cpu = {k: v - cpu_before[k] for k, v in cpu_by_stage(fleet.services).items()}
-        assert row["done"] == count, row
+        assert row["succeeded"] + row["failed"] + row["skipped"] == count, row
         await pool.close()
         return Run(elapsed, {"all": sum(cpu.values()), **cpu})
     finally:

@@ -159,6 +159,26 @@ async def test_upload_watch_pause_resume_export(
     await page.close()
 
 
+async def test_the_upload_form_offers_the_local_profiles(
+    browser: Browser, api: Api, images: ImageServer, tmp_path: Path
+) -> None:
+    page, problems = await signed_in(browser, api)
+    offered = "els => els.map(e => e.value)"
+    assert await page.eval_on_selector_all("#profiles option", offered) == ["facts", "content"]
+    listing = tmp_path / "content.csv"
+    listing.write_text(f"url\n{images.url(SAMPLES[1].name)}\n")
+    await page.set_input_files("#file-input", str(listing))
+    await page.fill("#profile", "content")
+    await page.click("#start-batch")
+    await page.wait_for_url(re.compile(r".*#/batches/[0-9a-f-]{36}$"))  # the new batch's page
+    batch_id = page.url.rsplit("/", 1)[1]
+    async with api.session(api.admin) as http, http.get(f"/api/v1/batches/{batch_id}") as r:
+        batch = await r.json()
+    assert (batch["analyzer"], batch["profile"]) == ("local", "content"), batch
+    assert problems == []
+    await page.close()
+
+
 async def test_a_batch_with_a_webhook_shows_its_secret_once(
     browser: Browser, api: Api, images: ImageServer, tmp_path: Path
 ) -> None:

@@ -236,7 +236,10 @@ function uploadPanel() {
     offered = s.providers;
     analyzer.replaceChildren(...offered.map((p) => h("option", { value: p.name, text: p.title })));
   }).catch(() => {});
-  const profile = h("input", { id: "profile", list: "profiles", placeholder: "describe", disabled: true });
+  // The local analyzer's profiles, and those every model provider ships (PROFILES_DIR adds more).
+  const profileChoices = (name) => (name === "local" ? ["facts", "content"] : ["describe", "moderation"]);
+  const profileList = h("datalist", { id: "profiles" }, ...profileChoices("local").map((p) => h("option", { value: p })));
+  const profile = h("input", { id: "profile", list: "profiles", placeholder: "facts", title: "local: facts, or content (+ text read by OCR and an NSFW score)" });
   const model = h("input", { id: "model", placeholder: "the profile's", disabled: true });
   const budget = h("input", { id: "budget", type: "number", min: "0.01", step: "0.01", placeholder: "no limit", disabled: true });
   const mode = h("select", { id: "mode", disabled: true, title: "Batch API: half the price, answered within hours" },
@@ -246,7 +249,7 @@ function uploadPanel() {
   const go = h("button", { class: "primary", type: "submit", disabled: true, id: "start-batch" }, "Start batch");
   const progress = h("div", { hidden: true }, bar([["accent", 0]]));
   const modelFields = [
-    h("label", { class: "field", hidden: true }, "Profile", profile),
+    h("label", { class: "field" }, "Profile", profile),
     h("label", { class: "field", hidden: true }, "Model", model),
     h("label", { class: "field", hidden: true }, "Budget (USD)", budget),
     h("label", { class: "field", hidden: true }, "Mode", mode),
@@ -254,9 +257,13 @@ function uploadPanel() {
   const chosen = () => offered.find((p) => p.name === analyzer.value) || { paid: false, modes: ["standard"] };
   analyzer.addEventListener("change", () => {
     const paid = chosen().paid;
-    for (const el of [profile, model, budget]) el.disabled = !paid;
+    for (const el of [model, budget]) el.disabled = !paid;
+    const choices = profileChoices(analyzer.value);
+    profileList.replaceChildren(...choices.map((p) => h("option", { value: p })));
+    profile.placeholder = choices[0];
+    if (profile.value && !choices.includes(profile.value)) profile.value = "";
     mode.disabled = !chosen().modes.includes("batch");
-    modelFields.forEach((el, i) => { el.hidden = i < 3 ? !paid : mode.disabled; });
+    modelFields.forEach((el, i) => { if (i > 0) el.hidden = i < 3 ? !paid : mode.disabled; });
   });
   const choose = (f) => {
     file = f;
@@ -278,7 +285,7 @@ function uploadPanel() {
       h("label", { class: "field" }, "Analyzer", analyzer),
       modelFields,
       h("label", { class: "field wide" }, "Webhook URL", webhook)),
-    h("datalist", { id: "profiles" }, h("option", { value: "describe" }), h("option", { value: "moderation" })),
+    profileList,
     h("div", { class: "actions" }, go, progress));
   form.addEventListener("submit", (event) => {
     event.preventDefault();
@@ -288,8 +295,8 @@ function uploadPanel() {
     data.append("batch_name", name.value.trim() || file.name);
     data.append("analyzer", analyzer.value);
     if (webhook.value.trim()) data.append("webhook_url", webhook.value.trim());
+    if (profile.value.trim()) data.append("profile", profile.value.trim());
     if (chosen().paid) {
-      if (profile.value.trim()) data.append("profile", profile.value.trim());
       if (model.value.trim()) data.append("model", model.value.trim());
       if (budget.value) data.append("budget_usd", budget.value);
       if (!mode.disabled && mode.value === "batch") data.append("mode", "batch");
