@@ -9,7 +9,9 @@ photos score below the threshold, the output's shape and the threshold logic.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -352,3 +354,44 @@ async def test_a_content_batch_through_the_api(
     assert sign_row["analysis.has_text"] is True and coffee_row["analysis.has_text"] is False
     assert {sign_row["analysis.nsfw"], coffee_row["analysis.nsfw"]} == {False}
     assert all(f"analysis.{name}" in sign_row for name in content.SCHEMA)
+
+
+async def test_model_workers_end_when_their_analyzer_is_killed() -> None:
+    """A SIGKILLed analyzer never stops its pool: its model workers notice they lost their
+    parent and exit instead of idling on with their models' memory."""
+    script = (
+        "import asyncio, os\n"
+        "from imagestream.analyzer.providers.local.content import ModelPool\n"
+        "async def main():\n"
+        "    pool = ModelPool(2, 1, 0.5)\n"
+        "    await pool.start()\n"
+        "    print('ready', flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=240)
+        assert line == b"ready\n"
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        workers = [int(pid) for pid in children if b"spawn_main" in _cmdline(int(pid))]
+        assert len(workers) >= 2, children
+    finally:
+        proc.kill()
+        await proc.wait()
+
+    async def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+    await wait_for(gone, timeout=30, interval=0.2)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
