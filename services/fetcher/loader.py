@@ -176,6 +176,10 @@ class ImageLoader:
             call.set_exception(exc)
 
         def settle(call: asyncio.Future[list[image.Prepared | ItemError]]) -> None:
+            if call.cancelled():  # the pool shut down with the call still queued
+                for _, done in batch:
+                    done.cancel()
+                return
             error = call.exception()
             if isinstance(error, BrokenProcessPool):
                 self._replace(pool)
