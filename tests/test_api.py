@@ -22,6 +22,8 @@ import pytest
 from imagestream.api.app import FEEDS
 from imagestream.api.auth import ROUTE_ROLES
 from imagestream.common import ledger, messages, streams
+from imagestream.common.inputs import ListParser
+from imagestream.common.keys import Keys
 from imagestream.devtools import corpus
 from imagestream.devtools.imageserver import ImageServer, Reply
 
@@ -446,6 +448,46 @@ async def test_a_client_leaving_the_event_stream_ends_it_quietly(
     await wait_for(unwatched, timeout=10)
     assert not [r for r in caplog.records if r.exc_info], caplog.text
     assert "Cannot write to closing transport" not in caplog.text
+
+
+async def test_status_places_in_flight_items_by_the_streams_that_hold_them(
+    api: Api, pool: asyncpg.Pool
+) -> None:
+    """The ledger records only that an item is in flight; /status finds its stage in the
+    batch's pipeline's streams (a pipeline without services here, so nothing moves)."""
+    pipeline = f"held{uuid.uuid4().hex[:6]}"
+    batch_id = await ledger.create_batch(pool, ledger.NewBatch(name="held", pipeline=pipeline))
+    parser = ListParser(filename="u.txt")
+    rows = parser.feed(b"".join(b"http://127.0.0.1:9/%d.png\n" % n for n in range(6)))
+    async with pool.acquire() as conn:
+        await ledger.insert_items(conn, batch_id, rows + parser.close())
+        await ledger.start_batch(conn, batch_id)
+        async with conn.transaction():
+            claimed = await ledger.claim_pending(conn, batch_id, 4)
+    ids = [r["id"] for r in claimed]
+    keys = Keys(pipeline)
+    try:
+        await streams.append(
+            api.res.redis,
+            keys.fetch,
+            [messages.encode(messages.FetchTask(batch_id=str(batch_id), item_id=ids[0], url="x"))],
+        )
+        written = messages.ItemResult(
+            batch_id=str(batch_id), item_id=ids[1], status="failed", stage="fetcher"
+        )
+        other = messages.ItemResult(
+            batch_id=str(uuid.uuid4()), item_id=1, status="failed", stage="x"
+        )
+        await streams.append(
+            api.res.redis, keys.write, [messages.encode(written), messages.encode(other)]
+        )
+        status, body = await get(api, f"/api/v1/batches/{batch_id}/status", api.viewer)
+        assert status == 200, body
+        # 4 in flight: 1 in the fetch stream, 1 in the write stream, the other 2 between.
+        assert body["stages"] == {"pending": 2, "fetching": 1, "analyzing": 2, "writing": 1}
+    finally:
+        for stream in keys.work_streams:
+            await api.res.redis.delete(stream)
 
 
 # ------------------------------------------------------------------ system and dead stream

@@ -545,18 +545,18 @@ async def list_items(
     )
 
 
-async def inflight_counts(conn: Conn, batch_id: uuid.UUID) -> dict[str, int]:
-    """A batch's items in flight by stage state (cheap: the partial index on in-flight
-    items holds at most the dispatch window, whatever the batch's size)."""
-    rows = await conn.fetch(
+async def inflight_count(conn: Conn, batch_id: uuid.UUID) -> int:
+    """A batch's items in flight: dispatched, outcome not recorded yet (cheap: the partial
+    index on in-flight items holds at most the dispatch window, whatever the batch's size).
+    Which stage holds them is not written here item by item; the streams say (live.py)."""
+    count: int = await conn.fetchval(
         """
-        SELECT state, count(*) AS n FROM items
-        WHERE batch_id = $1 AND state IN ('fetching', 'analyzing', 'writing') GROUP BY state
+        SELECT count(*) FROM items
+        WHERE batch_id = $1 AND state IN ('fetching', 'analyzing', 'writing')
         """,
         batch_id,
     )
-    found = {r["state"]: r["n"] for r in rows}
-    return {state: found.get(state, 0) for state in INFLIGHT_ITEM_STATES}
+    return count
 
 
 async def item_detail(
@@ -722,27 +722,3 @@ async def replay_batch(
                 count,
             )
     return count
-
-
-# ------------------------------------------------------------------ in-flight progress
-_PREVIOUS_STATES = {"analyzing": ["fetching"], "writing": ["fetching", "analyzing"]}
-
-
-async def advance_items(conn: Conn, item_ids: Sequence[int], state: str) -> int:
-    """Move in-flight items forward (fetching -> analyzing -> writing); never backwards,
-    never out of a terminal state or back from pending.
-
-    Rows another transaction holds (the writer finishing them) are skipped, not waited
-    for: this is progress information, and waiting could deadlock with the writer."""
-    status = await conn.execute(
-        """
-        UPDATE items SET state = $2
-        WHERE id IN (SELECT id FROM items
-                     WHERE id = ANY($1::bigint[]) AND state = ANY($3::text[])
-                     ORDER BY id FOR UPDATE SKIP LOCKED)
-        """,
-        sorted(item_ids),
-        state,
-        _PREVIOUS_STATES[state],
-    )
-    return int(status.split()[-1])

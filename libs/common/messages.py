@@ -111,6 +111,13 @@ class DeadLetter(Base, tag="dead", frozen=True, kw_only=True):
 BatchMessage = BatchSubmitted
 WorkMessage = FetchTask | AnalyzeTask | ItemResult
 
+
+class BatchRef(msgspec.Struct, frozen=True):
+    """The batch of any work message (its other fields are skipped when decoding)."""
+
+    batch_id: str
+
+
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 
@@ -119,3 +126,4 @@ fetch_decoder: msgspec.msgpack.Decoder[FetchTask] = msgspec.msgpack.Decoder(Fetc
 analyze_decoder: msgspec.msgpack.Decoder[AnalyzeTask] = msgspec.msgpack.Decoder(AnalyzeTask)
 result_decoder: msgspec.msgpack.Decoder[ItemResult] = msgspec.msgpack.Decoder(ItemResult)
 dead_decoder: msgspec.msgpack.Decoder[DeadLetter] = msgspec.msgpack.Decoder(DeadLetter)
+batch_ref_decoder: msgspec.msgpack.Decoder[BatchRef] = msgspec.msgpack.Decoder(BatchRef)

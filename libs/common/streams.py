@@ -12,13 +12,16 @@ it worked therefore cannot hand it off a second time.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from . import messages
 from .keys import FIELD
 
 log = logging.getLogger(__name__)
@@ -237,6 +240,24 @@ async def read_range(redis: Redis, stream: str, start: str, count: int) -> list[
 
 async def delete(redis: Redis, stream: str, entry_ids: Sequence[str]) -> int:
     return int(await redis.xdel(stream, *entry_ids)) if entry_ids else 0
+
+
+async def count_by_batch(redis: Redis, stream: str, page: int = 1000) -> Counter[str]:
+    """How many entries of each batch a work stream holds (waiting or being worked on:
+    acknowledged entries are deleted). Reads the whole stream, which the dispatch window
+    bounds (DISPATCH_WINDOW entries across the work streams)."""
+    counts: Counter[str] = Counter()
+    start = "-"
+    while True:
+        raw: Any = await redis.xrange(stream, min=start, count=page)
+        for _, fields in raw:
+            try:
+                counts[messages.batch_ref_decoder.decode(fields[FIELD]).batch_id] += 1
+            except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
+                continue  # a foreign entry: the worker dead-letters it
+        if len(raw) < page:
+            return counts
+        start = "(" + _id(raw[-1][0])
 
 
 def is_missing_group(exc: ResponseError) -> bool:

@@ -41,7 +41,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import messages
 from .keys import Keys
-from .progress import ItemProgress
 from .runtime import drain, supervise
 from .settings import StreamSettings
 from .streams import Entry, HandOff, StreamGroup, is_missing_group, lengths
@@ -112,8 +111,6 @@ class StreamWorker(Generic[T]):
         bulk_size: int = 500,
         high_water: tuple[str, int] | None = None,
         consumer: str | None = None,
-        progress: ItemProgress | None = None,
-        advances: dict[str, str] | None = None,
     ) -> None:
         if (handle is None) == (handle_bulk is None):
             raise ValueError("give exactly one of handle / handle_bulk")
@@ -129,9 +126,6 @@ class StreamWorker(Generic[T]):
         self.on_dead = on_dead
         self.capacity = concurrency if handle else bulk_size
         self.high_water = high_water
-        # Output stream -> the in-flight state an item reaches when handed off to it.
-        self.progress = progress
-        self.advances = advances or {}
         self.inflight = 0
         self._slot_freed = asyncio.Event()
         # The loop holds the only strong reference to its tasks (asyncio keeps weak ones).
@@ -155,8 +149,6 @@ class StreamWorker(Generic[T]):
                 supervise("touch", self._touch, stop, self.settings.claim_idle_ms / 3000)
             ),
         ]
-        if self.progress is not None:
-            chores.append(asyncio.create_task(self.progress.run(stop)))
         log.info("worker started", extra={"stage": self.stage, "consumer": self.consumer})
         try:
             await self._dispatch(await self.group.read_own_pending(self.capacity))
@@ -298,12 +290,7 @@ class StreamWorker(Generic[T]):
         finally:
             self._held.discard(entry.id)
         DURATION.labels(self.stage).observe(time.perf_counter() - started)
-        if await self._submit([HandOff(entry.id, outputs)]) and self.progress is not None:
-            item_id = getattr(message, "item_id", None)
-            for stream, _ in outputs:
-                state = self.advances.get(stream)
-                if state is not None and item_id is not None:
-                    self.progress.mark(item_id, state)
+        await self._submit([HandOff(entry.id, outputs)])
 
     async def _run_bulk(self, ready: list[tuple[Entry, T]]) -> None:
         assert self.handle_bulk is not None
@@ -358,15 +345,14 @@ class StreamWorker(Generic[T]):
         return {"stage": self.stage, "entry": entry.id, "deliveries": entry.deliveries}
 
     # ---------------------------------------------------------------- hand-off
-    async def _submit(self, handoffs: list[HandOff], outcome: str = "handed_off") -> bool:
-        """Queue hand-offs for the next flush and wait for them; False if any was fenced."""
+    async def _submit(self, handoffs: list[HandOff], outcome: str = "handed_off") -> None:
+        """Queue hand-offs for the next flush and wait for them."""
         if not handoffs:
-            return True
+            return
         loop = asyncio.get_running_loop()
         pending = [_Pending(h, loop.create_future()) for h in handoffs]
         self._buffer.extend(pending)
         self._buffer_ready.set()
-        all_done = True
         for item in pending:
             try:
                 done = await item.done
@@ -375,7 +361,6 @@ class StreamWorker(Generic[T]):
                 log.warning(
                     "hand-off failed; entry stays pending: %s", exc, extra={"stage": self.stage}
                 )
-                all_done = False
                 continue
             if done:
                 ITEMS.labels(self.stage, outcome).inc()
@@ -385,8 +370,6 @@ class StreamWorker(Generic[T]):
                     "entry was claimed by another consumer; not handing it off again",
                     extra={"stage": self.stage, "entry": item.handoff.entry_id},
                 )
-                all_done = False
-        return all_done
 
     async def _flush_loop(self) -> None:
         while True:

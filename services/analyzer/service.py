@@ -24,7 +24,6 @@ from imagestream.common.control import BatchConfig, BatchConfigs, HaltedBatches
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
-from imagestream.common.progress import ItemProgress
 from imagestream.common.providers import is_batch_mode, registry
 from imagestream.common.results import analysis_result, item_result
 from imagestream.common.settings import StreamSettings
@@ -223,8 +222,6 @@ async def run(res: Resources, settings: AnalyzerSettings, stop: asyncio.Event) -
         handle=analyzer.handle,
         on_dead=analyzer.on_dead,
         concurrency=settings.concurrency(),
-        progress=ItemProgress(res.pool),
-        advances={res.keys.write: "writing"},
     )
     reporters = [asyncio.create_task(p.report(stop)) for p in running.values()]
     reporters += [asyncio.create_task(jobs.run(stop)) for jobs in analyzer.deferred.values()]

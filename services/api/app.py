@@ -25,7 +25,7 @@ from .auth import Auth, Need, auth_middleware, register
 from .batches import Batches
 from .errors import Handler, errors_middleware
 from .exports import ExportJobs, ExportWorker
-from .live import Feeds, Monitor, Progress
+from .live import Feeds, Monitor, Progress, StreamHoldings
 from .settings import ApiSettings
 from .system import System
 from .webhooks import WebhookEvents
@@ -152,7 +152,7 @@ def routes(
 
 def create_app(res: Resources, settings: ApiSettings) -> web.Application:
     auth = Auth(res.pool, settings.auth_disabled)
-    progress = Progress(res.pool)
+    progress = Progress(res.pool, StreamHoldings(res.redis))
     monitor = Monitor(res.redis, res.keys)
     feeds = Feeds(progress, monitor, settings.live_interval_s)
     app = web.Application(

@@ -20,6 +20,7 @@ import datetime
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from imagestream.common import ledger, observe, storage
+from imagestream.common import ledger, observe, storage, streams
 from imagestream.common.keys import GROUPS, Keys
 
 log = logging.getLogger(__name__)
@@ -114,15 +115,45 @@ class _Errors:
     counts: dict[str, int]
 
 
+class StreamHoldings:
+    """How many entries of each batch every work stream of a pipeline holds: where a
+    batch's in-flight items are (the ledger only records that they are in flight, not at
+    which stage: writing that per item cost two row updates each). The streams are read at
+    most once per ``ttl_s`` per pipeline, for every batch and subscriber at once."""
+
+    def __init__(self, redis: Redis, ttl_s: float = 1.0) -> None:
+        self.redis = redis
+        self.ttl_s = ttl_s
+        self._read: dict[str, tuple[float, list[Counter[str]]]] = {}
+        self._lock = asyncio.Lock()
+
+    async def held(self, pipeline: str, batch_id: uuid.UUID) -> tuple[int, int, int]:
+        """Entries of the batch in its fetch, analyze and write streams."""
+        async with self._lock:
+            known = self._read.get(pipeline)
+            if known is None or time.monotonic() - known[0] >= self.ttl_s:
+                counts = [
+                    await streams.count_by_batch(self.redis, stream)
+                    for stream in Keys(pipeline).work_streams
+                ]
+                if len(self._read) > 100:
+                    self._read.clear()
+                known = self._read[pipeline] = (time.monotonic(), counts)
+        fetch, analyze, write = (c[str(batch_id)] for c in known[1])
+        return fetch, analyze, write
+
+
 class Progress:
-    """A batch's status: its row, plus rate, ETA and errors by class."""
+    """A batch's status: its row, plus rate, ETA, errors by class and where its in-flight
+    items are."""
 
     #: Errors by class are recounted at most this often while a batch runs (a GROUP BY
     #: over its failed items), and whenever the number of failures is unchanged, never.
     errors_every_s = 5.0
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, holdings: StreamHoldings) -> None:
         self.pool = pool
+        self.holdings = holdings
         self.rates = RateTracker()
         self._errors: dict[uuid.UUID, _Errors] = {}
 
@@ -144,13 +175,23 @@ class Progress:
         remaining = counts["remaining"]
         body["eta_s"] = round(remaining / rate, 1) if rate > 0 and remaining else None
         body["errors"] = await self._error_counts(batch_id, row["failed"], row["state"] in FINISHED)
-        inflight = (
-            await ledger.inflight_counts(self.pool, batch_id)
-            if row["state"] not in FINISHED
-            else dict.fromkeys(ledger.INFLIGHT_ITEM_STATES, 0)
-        )
-        body["stages"] = {"pending": max(0, remaining - sum(inflight.values())), **inflight}
+        inflight = await self._inflight(row) if row["state"] not in FINISHED else {}
+        stages = {state: inflight.get(state, 0) for state in ledger.INFLIGHT_ITEM_STATES}
+        body["stages"] = {"pending": max(0, remaining - sum(stages.values())), **stages}
         return body
+
+    async def _inflight(self, row: asyncpg.Record) -> dict[str, int]:
+        """The batch's in-flight items (the ledger's count) by stage (the streams' view):
+        in the fetch stream, fetching; in the write stream, writing; the rest analyzing
+        (in the analyze stream, between two streams, or in a provider's Batch API job)."""
+        total = await ledger.inflight_count(self.pool, row["id"])
+        try:
+            fetch, _, write = await self.holdings.held(row["pipeline"], row["id"])
+        except (RedisError, OSError):
+            return {"fetching": total}  # the ledger's own view
+        fetching = min(fetch, total)
+        writing = min(write, total - fetching)
+        return {"fetching": fetching, "analyzing": total - fetching - writing, "writing": writing}
 
     async def _error_counts(self, batch_id: uuid.UUID, failed: int, final: bool) -> dict[str, int]:
         if failed == 0:

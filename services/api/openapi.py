@@ -215,7 +215,9 @@ SCHEMAS |= {
             },
             "stages": {
                 **obj({"pending": COUNT, "fetching": COUNT, "analyzing": COUNT, "writing": COUNT}),
-                "description": "Where the batch's unfinished items are now.",
+                "description": "Where the batch's unfinished items are now: pending in the"
+                " ledger; in flight by the work stream holding them (fetching: fetch stream,"
+                " writing: write stream, analyzing: the other in-flight items).",
             },
         }
     ),

@@ -18,7 +18,6 @@ from imagestream.common.control import BatchConfigs, HaltedBatches
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.keys import GROUPS
 from imagestream.common.metrics import ITEM_OUTCOMES
-from imagestream.common.progress import ItemProgress
 from imagestream.common.results import item_result
 from imagestream.common.worker import Out, StreamWorker, out
 
@@ -121,8 +120,6 @@ async def run(res: Resources, settings: FetcherSettings, stop: asyncio.Event) ->
         on_dead=fetcher.on_dead,
         concurrency=settings.fetch_window,
         high_water=(res.keys.analyze, settings.analyze_high_water),
-        progress=ItemProgress(res.pool),
-        advances={res.keys.analyze: "analyzing"},
     )
     try:
         await worker.run(stop)
