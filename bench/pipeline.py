@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import (
@@ -123,6 +124,17 @@ def env_for(database_url: str, prefix: str) -> dict[str, str]:
     )
 
 
+async def forget_analyses(database_url: str) -> None:
+    """Empty the analysis cache: every run analyzes each image (runs share the database,
+    and a run after the first would otherwise find every analysis cached)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await db.migrate(conn)
+        await conn.execute("TRUNCATE analysis_cache")
+    finally:
+        await conn.close()
+
+
 def run_analyze(listing: Path, database_url: str) -> Run:
     """The in-process pipeline (seconds from its own summary line)."""
     out = listing.with_suffix(".results.csv")
@@ -196,7 +208,9 @@ def main() -> None:
         listing.write_text("\n".join(targets) + "\n")
         for run in range(args.runs):
             results["bare"].append(asyncio.run(bare_loop(targets)))
+            asyncio.run(forget_analyses(database_url))
             results["analyze"].append(run_analyze(listing, database_url))
+            asyncio.run(forget_analyses(database_url))
             results["processes"].append(
                 asyncio.run(run_processes(listing, database_url, args.images))
             )
