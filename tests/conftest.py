@@ -149,3 +149,21 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{secrets.token_hex(4)}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+#: Fixtures that reach a server: Redis, PostgreSQL (everything built on them, the api, the
+#: stage processes and the dashboard's browser tests, depends on ``server_urls``) or S3.
+_SERVER_FIXTURES = frozenset({"server_urls", "s3_endpoint"})
+#: Modules that use none of them but run more than this process: a child in a network
+#: namespace (it needs root).
+_NOT_UNIT_MODULES = frozenset({"test_fetcher_netns.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``unit`` every test that needs no server, so ``pytest -m unit`` runs in seconds
+    (in-process HTTP servers on 127.0.0.1, such as the emulators, count as no server)."""
+    for item in items:
+        if item.path.name in _NOT_UNIT_MODULES:
+            continue
+        if _SERVER_FIXTURES.isdisjoint(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.unit)
