@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
+from imagestream.analyzer import deferred
 from imagestream.analyzer.budget import nano
 from imagestream.analyzer.deferred import ShuttingDown
 from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
@@ -249,6 +250,48 @@ async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
         assert methods(rig) == ["batchGenerateContent"]
 
 
+async def test_a_group_waiting_for_its_turn_is_not_taken_for_stuck(
+    res: Resources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reconciler re-drives items in flight for over STALE_AFTER_S unless a job holds
+    them; a group still waiting to be sent keeps its items' clock reset, or they would be
+    sent again in a second job and paid twice."""
+    monkeypatch.setattr(deferred, "_ALIVE_EVERY_S", 0.1)
+    env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
+    async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
+        jobs = rig.analyzer.deferred["gemini"]
+        assert jobs is not None
+        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
+        handled = asyncio.gather(
+            *(rig.analyzer.handle(i.task) for i in items), return_exceptions=True
+        )
+
+        async def one_sent() -> bool:
+            return methods(rig) == ["batchGenerateContent"] and jobs.waiting == 0
+
+        await wait_for(one_sent)
+        # Both items were dispatched two hours ago: one is in the running job, the other
+        # waits for that job to end.
+        ids = [i.task.item_id for i in items]
+        await res.pool.execute(
+            "UPDATE items SET dispatched_at = now() - interval '2 hours' WHERE id = ANY($1)", ids
+        )
+
+        async def waiting_one_alive() -> bool:
+            alive = await res.pool.fetchval(
+                "SELECT count(*) FROM items WHERE id = ANY($1)"
+                " AND dispatched_at > now() - interval '1 hour'",
+                ids,
+            )
+            return bool(alive == 1)
+
+        await wait_for(waiting_one_alive, timeout=10, interval=0.05)
+        assert await ledger.requeue_inflight(res.pool, res.keys.prefix, older_than_s=3600) == 0
+        await jobs.close()
+        await asyncio.wait_for(handled, timeout=30)
+        assert methods(rig) == ["batchGenerateContent"]
+
+
 async def test_pausing_a_batch_whose_job_waits_for_its_turn_hands_its_images_back(
     res: Resources,
 ) -> None:
@@ -380,8 +423,8 @@ async def test_a_paused_batch_sends_nothing(res: Resources) -> None:
 
 async def test_the_running_pipeline_finishes_a_batch_mode_batch(res: Resources) -> None:
     """All four stages in this process: the analyzer's collector loop finishes the items,
-    while the reconciler, told to re-drive whatever is in flight for over 3 s, leaves the
-    items of a job that takes Google 6 s alone."""
+    while the reconciler, told to re-drive whatever is in flight for over 5 s, leaves the
+    items of a job that takes Google 8 s alone."""
     seed = secrets.randbits(30)  # new images: no cached analysis from an earlier run
     server = ImageServer(
         {
@@ -392,7 +435,7 @@ async def test_the_running_pipeline_finishes_a_batch_mode_batch(res: Resources) 
         }
     )
     await server.start()
-    config = emulator_config(batch_pending_seconds=3, batch_running_seconds=3)
+    config = emulator_config(batch_pending_seconds=4, batch_running_seconds=4)
     try:
         async with running_emulator(config) as (emulator, base_url):
             env = {
@@ -400,7 +443,7 @@ async def test_the_running_pipeline_finishes_a_batch_mode_batch(res: Resources) 
                 "GEMINI_BASE_URL": base_url,
                 **{name: "0" for name in ("GEMINI_RPM", "GEMINI_TPM", "GEMINI_RPD")},
                 **FAST_JOBS,
-                "STALE_AFTER_S": "3",
+                "STALE_AFTER_S": "5",
             }
             async with running(res, **env):
                 choice = providers.resolve_batch({"analyzer": "gemini", "mode": "batch"})

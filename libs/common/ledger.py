@@ -292,6 +292,16 @@ async def claim_pending(
     )
 
 
+async def touch_inflight(conn: Conn, item_ids: Sequence[int]) -> None:
+    """Mark in-flight items as alive now: a stage holding them for long on purpose (a Batch
+    API group waiting for its turn) keeps the reconciler from taking them for stuck."""
+    await conn.execute(
+        "UPDATE items SET dispatched_at = now()"
+        " WHERE id = ANY($1::bigint[]) AND state IN ('fetching', 'analyzing', 'writing')",
+        list(item_ids),
+    )
+
+
 async def requeue_inflight(conn: Conn, pipeline: str, *, older_than_s: float | None = None) -> int:
     """Put this pipeline's in-flight items back to pending (Redis lost them, or they are stuck),
     except those a provider's Batch API job holds."""

@@ -8,7 +8,8 @@ group is sent (the provider's ``create``) when it holds ``max_requests`` lines, 
 more would pass the provider's job size limit, or ``linger_s`` after its first line, and
 the job is written to the ledger (``provider_jobs``, through ``jobs.JobStore``); only then
 are the entries acknowledged, with no output: their items stay ``analyzing``, and the
-reconciler leaves items of a running job alone. A group is at most one process's
+reconciler leaves items of a running job alone (and those of a group still waiting to
+be sent, whose in-flight clock the sender keeps resetting). A group is at most one process's
 ``ANALYZE_CONCURRENCY`` items, since each holds an entry until it is sent.
 
 Collecting. Every analyzer replica polls the running jobs of its pipeline every
@@ -32,13 +33,13 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import Counter
 
-from imagestream.common import messages, streams
+from imagestream.common import ledger, messages, streams
 from imagestream.common.connections import Resources
 from imagestream.common.control import BatchConfig, BatchConfigs, HaltedBatches
 from imagestream.common.errors import ErrorClass, ItemError
@@ -54,6 +55,9 @@ from .keypool import ApiKey, KeyPool
 from .providers.base import Halted, PaidError, pause_batch
 
 log = logging.getLogger(__name__)
+
+#: How often the items of a group waiting to be sent are marked alive (``_alive``).
+_ALIVE_EVERY_S = 60.0
 
 Client = TypeVar("Client")
 Client_contra = TypeVar("Client_contra", contravariant=True)
@@ -261,7 +265,7 @@ class BatchJobs(Generic[Client]):
             # One job at a time from this process, from the count of running jobs to the
             # ledger row, so that the count stays true (replicas may still overshoot by a
             # job each; the provider's 429 then makes the extra one wait).
-            async with self._one_at_a_time:
+            async with self._alive([li.task.item_id for li in lines]), self._one_at_a_time:
                 name, project = await self._create(config, group.model, [li.line for li in lines])
                 await self._record(name, project, group, lines)
         except ItemError as error:
@@ -292,6 +296,26 @@ class BatchJobs(Generic[Client]):
             self.api.label,
             extra={"batch": group.config.id, "job": name, "items": len(lines), "project": project},
         )
+
+    @contextlib.asynccontextmanager
+    async def _alive(self, item_ids: list[int]) -> AsyncIterator[None]:
+        """Until the job is recorded, its items are in no job: the reconciler would take them
+        for stuck after STALE_AFTER_S and send them again (paid twice). Waiting for a turn
+        may take hours, so their in-flight clock is reset now and every minute meanwhile."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(_ALIVE_EVERY_S)
+                await ledger.touch_inflight(self.res.pool, item_ids)
+
+        await ledger.touch_inflight(self.res.pool, item_ids)
+        beating = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
 
     def _halted_result(self, task: messages.AnalyzeTask, state: str) -> Out:
         if state == "paused":
