@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import msgspec
@@ -159,6 +160,33 @@ async def test_worker_hands_off_every_entry_once(redis: Redis, keys: Keys) -> No
     ids = [msgspec.msgpack.decode(f[FIELD])["item_id"] for _, f in await redis.xrange(keys.analyze)]
     assert sorted(ids) == list(range(50))
     assert await redis.xlen(keys.fetch) == 0
+
+
+async def test_an_entry_claimed_back_while_held_is_not_handled_twice(
+    redis: Redis, keys: Keys
+) -> None:
+    """A stalled event loop (a loaded machine) delays the touch loop past the claim idle
+    time: the claim loop then takes this consumer's own held entries back, and must not
+    start them again."""
+    calls: dict[int, int] = {}
+
+    async def handle(t: messages.FetchTask) -> list[Out]:
+        calls[t.item_id] = calls.get(t.item_id, 0) + 1
+        for _ in range(3):
+            time.sleep(FAST.claim_idle_ms / 1000 + 0.1)  # the stall itself
+            await asyncio.sleep(FAST.claim_interval_s * 2)
+        return [out(keys.analyze, t)]
+
+    await append(redis, keys.fetch, [task(i) for i in range(2)])
+    stop = asyncio.Event()
+    worker = make_worker(redis, keys, handle)
+
+    async def all_moved() -> bool:
+        return await redis.xlen(keys.analyze) >= 2 and not worker.inflight
+
+    await run_until(worker, stop, all_moved)
+    assert calls == {0: 1, 1: 1}
+    assert await redis.xlen(keys.analyze) == 2
 
 
 async def test_failing_entry_is_redelivered_then_dead_lettered(redis: Redis, keys: Keys) -> None:

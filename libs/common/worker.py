@@ -206,6 +206,10 @@ class StreamWorker(Generic[T]):
                     raise
                 await self.group.ensure()
                 return
+            # Entries this consumer still handles look idle when the touch loop ran late (a
+            # loaded machine): claiming them back only reset their idle time; handling them a
+            # second time would send the item on twice.
+            entries = [entry for entry in entries if entry.id not in self._held]
             if entries:
                 CLAIMED.labels(self.stage).inc(len(entries))
                 log.info("claimed idle entries", extra={"stage": self.stage, "count": len(entries)})
@@ -280,17 +284,19 @@ class StreamWorker(Generic[T]):
     async def _run_one(self, entry: Entry, message: T) -> None:
         assert self.handle is not None
         started = time.perf_counter()
+        # Held (touched, never claimed back) until handed off, not only while handled.
         self._held.add(entry.id)
         try:
-            outputs = await self.handle(message)
-        except Exception:
-            ITEMS.labels(self.stage, "failed").inc()
-            log.exception("handler failed; entry stays pending", extra=self._context(entry))
-            return
+            try:
+                outputs = await self.handle(message)
+            except Exception:
+                ITEMS.labels(self.stage, "failed").inc()
+                log.exception("handler failed; entry stays pending", extra=self._context(entry))
+                return
+            DURATION.labels(self.stage).observe(time.perf_counter() - started)
+            await self._submit([HandOff(entry.id, outputs)])
         finally:
             self._held.discard(entry.id)
-        DURATION.labels(self.stage).observe(time.perf_counter() - started)
-        await self._submit([HandOff(entry.id, outputs)])
 
     async def _run_bulk(self, ready: list[tuple[Entry, T]]) -> None:
         assert self.handle_bulk is not None
@@ -309,8 +315,6 @@ class StreamWorker(Generic[T]):
                     "bulk handler failed; entries stay pending", extra={"stage": self.stage}
                 )
                 return
-            finally:
-                self._held -= ids
             DURATION.labels(self.stage).observe(time.perf_counter() - started)
             handoffs = []
             for (entry, _), result in zip(ready, results, strict=True):
@@ -325,6 +329,7 @@ class StreamWorker(Generic[T]):
                     handoffs.append(HandOff(entry.id, result))
             await self._submit(handoffs)
         finally:
+            self._held -= ids
             self.inflight -= extra
 
     async def _dead_letter(self, entry: Entry, message: T | None, reason: str) -> None:
