@@ -89,7 +89,14 @@ class Selection:
 
         async def copy() -> None:
             async with self.pool.acquire() as conn:
-                await conn.copy_from_query(sql, *params, output=pieces.put, **options)
+                try:
+                    await conn.copy_from_query(sql, *params, output=pieces.put, **options)
+                except BaseException:
+                    # Cut off mid-COPY (the reader left): the connection may still be in the
+                    # COPY, and the pool's reset sends no statement that would notice, so it
+                    # must not serve the next acquirer.
+                    conn.terminate()
+                    raise
 
         producer = asyncio.ensure_future(copy())
         async with contextlib.aclosing(_drain(pieces, producer)) as drained:
