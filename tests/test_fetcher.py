@@ -41,6 +41,7 @@ from .fetcher_servers import (
     trickle,
 )
 from .helpers import wait_for
+from .procs import pool_workers_outliving
 
 MAX_BYTES = 2_000_000
 MAX_PIXELS = 4_000_000
@@ -370,3 +371,22 @@ async def test_a_dead_decode_worker_is_replaced(tmp_path: Path) -> None:
         await loader.close()
     assert loader.pool is not broken
     assert again.data == first.data and again.facts == first.facts
+
+
+async def test_decode_workers_end_when_their_fetcher_is_killed() -> None:
+    """A SIGKILLed fetcher never stops its decode pool: the workers notice they lost their
+    parent and exit instead of idling on forever (the chaos test kills fetchers so)."""
+    script = (
+        "import asyncio, os\n"
+        "from imagestream.fetcher.loader import ImageLoader\n"
+        "from imagestream.fetcher.settings import FetcherSettings\n"
+        "async def main():\n"
+        "    loader = ImageLoader(FetcherSettings(decode_workers=2))\n"
+        "    loop = asyncio.get_running_loop()\n"
+        "    await asyncio.gather(*(loop.run_in_executor(loader.pool, os.getpid) for _ in range(4)))\n"
+        "    print('ready', flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "if __name__ == '__main__':\n"
+        "    asyncio.run(main())\n"
+    )
+    assert await pool_workers_outliving(script, least=1) == []

@@ -9,9 +9,7 @@ photos score below the threshold, the output's shape and the threshold logic.
 
 from __future__ import annotations
 
-import asyncio
 import io
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +36,7 @@ from imagestream.fetcher.image import prepare
 
 from .apiharness import running_api, upload
 from .helpers import wait_for
+from .procs import pool_workers_outliving
 
 #: skimage's photographs without text (``camera`` and ``astronaut`` have faces; ``moon``
 #: reads as a belly to the NSFW detector: all safe).
@@ -370,28 +369,4 @@ async def test_model_workers_end_when_their_analyzer_is_killed() -> None:
         "if __name__ == '__main__':\n"
         "    asyncio.run(main())\n"
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
-    )
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), timeout=240)
-        assert line == b"ready\n"
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        workers = [int(pid) for pid in children if b"spawn_main" in _cmdline(int(pid))]
-        assert len(workers) >= 2, children
-    finally:
-        proc.kill()
-        await proc.wait()
-
-    async def gone() -> bool:
-        return not any(Path(f"/proc/{pid}").exists() for pid in workers)
-
-    await wait_for(gone, timeout=30, interval=0.2)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    assert await pool_workers_outliving(script, least=2) == []

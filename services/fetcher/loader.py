@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 from prometheus_client import Counter, Histogram
 
-from imagestream.common import storage
+from imagestream.common import pools, storage
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.storage import StorageError
 
@@ -109,7 +109,12 @@ class ImageLoader:
     def _new_pool(self) -> ProcessPoolExecutor:
         # "spawn": a fresh interpreter per worker; forking a process that runs an event
         # loop and threads is unsafe. Workers start on first use.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=pools.watch_parent,
+            initargs=(os.getpid(),),
+        )
 
     async def close(self) -> None:
         await self.downloader.close()

@@ -26,8 +26,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from imagestream.common import pools
 from imagestream.common.errors import ErrorClass, ItemError
 from imagestream.common.messages import ImageFacts
 
@@ -100,8 +99,6 @@ UNSAFE_LABELS: Final = frozenset(
 #: photos: an "O" in chelsea's fur at 0.53, a "6" among the coins at 0.59), while lines of
 #: real text score 0.9 and more (bench/ocr_long_side.py's words, skimage's page).
 LONE_CHARACTER_CONFIDENCE: Final = 0.8
-#: How often a model worker checks that its analyzer still runs (seconds).
-PARENT_CHECK_S: Final = 1.0
 #: The side nudenet's 320n model was trained at (its input is this square).
 NSFW_RESOLUTION: Final = 320
 
@@ -279,22 +276,13 @@ def _start_worker(parent: int, threads: int, nsfw_threshold: float) -> None:
     # group must not kill a worker in the middle of an item first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+    pools.watch_parent(parent)
     try:
         load_models(threads, nsfw_threshold)
     except Exception as exc:
         # An initializer that raises breaks the pool with no message; keep the reason for
         # the jobs to report instead.
         _here.error = exc.args[0] if isinstance(exc, ModelError) else _one_line(exc)
-
-
-def _exit_with(parent: int) -> None:
-    """End this worker when its analyzer is gone. A parent killed with SIGKILL never stops
-    its pool, and the pool's queue gives its workers no end-of-file (each holds both ends
-    of the pipe): without this, they would idle on, holding their models' memory."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_CHECK_S)
-    os._exit(1)
 
 
 def loaded_models() -> ContentModels:
