@@ -13,12 +13,13 @@ import contextlib
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 
 from imagestream.analyzer import deferred
 from imagestream.analyzer.budget import nano
-from imagestream.analyzer.deferred import ShuttingDown
+from imagestream.analyzer.deferred import BatchJobs, ShuttingDown
 from imagestream.analyzer.providers.gemini import pricing as gemini_pricing
 from imagestream.analyzer.providers.gemini.provider import GeminiProvider
 from imagestream.analyzer.service import Analyzer, create_providers
@@ -224,10 +225,13 @@ async def test_google_refusing_another_job_means_wait_not_fail(res: Resources) -
         assert metric("imagestream_gemini_batch_jobs_total", event="waited") > waited
 
 
-async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
+@contextlib.asynccontextmanager
+async def one_job_out_one_waiting(
     res: Resources,
-) -> None:
-    # One project (the limit is per project), one image per job.
+) -> AsyncIterator[tuple[Rig, BatchJobs[Any], list[Item], asyncio.Future[list[Any]]]]:
+    """Two images, one job at a time in a project of their own: the first image's job is
+    running (for a minute), the second's waits for its turn. Yields the rig, its jobs, the
+    items and the gathering of their handlers (exceptions returned)."""
     env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
     async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
         jobs = rig.analyzer.deferred["gemini"]
@@ -241,6 +245,13 @@ async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
             return methods(rig) == ["batchGenerateContent"] and jobs.waiting == 0
 
         await wait_for(one_sent)
+        yield rig, jobs, items, handled
+
+
+async def test_a_job_waiting_for_its_turn_gives_its_entries_back_at_shutdown(
+    res: Resources,
+) -> None:
+    async with one_job_out_one_waiting(res) as (rig, jobs, _items, handled):
         await jobs.close()
         outcomes = await asyncio.wait_for(handled, timeout=30)
         # One image is in the running job; the other's entry stays pending for redelivery.
@@ -257,19 +268,7 @@ async def test_a_group_waiting_for_its_turn_is_not_taken_for_stuck(
     them; a group still waiting to be sent keeps its items' clock reset, or they would be
     sent again in a second job and paid twice."""
     monkeypatch.setattr(deferred, "_ALIVE_EVERY_S", 0.1)
-    env = {**one_project(), "GEMINI_BATCH_MAX_REQUESTS": "1", "GEMINI_BATCH_MAX_JOBS": "1"}
-    async with batch_rig(res, pending_s=60, running_s=60, **env) as rig:
-        jobs = rig.analyzer.deferred["gemini"]
-        assert jobs is not None
-        items = await rig.batch([rig.image(i) for i in range(2)], mode="batch")
-        handled = asyncio.gather(
-            *(rig.analyzer.handle(i.task) for i in items), return_exceptions=True
-        )
-
-        async def one_sent() -> bool:
-            return methods(rig) == ["batchGenerateContent"] and jobs.waiting == 0
-
-        await wait_for(one_sent)
+    async with one_job_out_one_waiting(res) as (rig, jobs, items, handled):
         # Both items were dispatched two hours ago: one is in the running job, the other
         # waits for that job to end.
         ids = [i.task.item_id for i in items]
